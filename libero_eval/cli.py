@@ -1,0 +1,179 @@
+"""libero-eval: closed-loop evaluation of Pi0.5 (and its cached inference paths) on LIBERO.
+
+Subcommands:
+  run   run episodes sequentially in this process (suite x tasks x trials), store results and videos
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RUN_EXAMPLES = """examples:
+  libero-eval run --suite libero_spatial --tasks 0,1 --trials 2 --max-steps 40 --out runs/x
+  libero-eval run --suite libero_object --tasks all --trials 50 --video none --out runs/object_full
+
+Outputs in --out: results.jsonl (one line per finished episode), videos/*.mp4, run.json (the arguments).
+Rerunning with the same --out resumes: episodes already stored are skipped, videos are never overwritten.
+"""
+
+
+def _parse_int_list(text: str, what: str) -> list[int] | str:
+    if text == "all":
+        return "all"
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"bad {what} list {text!r}: expected comma-separated integers or ranges like 0,2,5-7, or 'all'"
+            ) from None
+    return out
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from libero_eval.episode import VIDEO_MODES
+    from libero_eval.policy_factory import POLICY_NAMES
+    from tasks.registry import MAX_STEPS, SUITES
+
+    parser = argparse.ArgumentParser(prog="libero-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run episodes sequentially in one process", epilog=RUN_EXAMPLES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--suite", default="libero_spatial", choices=SUITES, help="LIBERO suite (default libero_spatial)")
+    run.add_argument("--tasks", default="0", type=lambda s: _parse_int_list(s, "task"),
+                     help="task ids: '0,1', '0-4' or 'all' (default 0)")
+    run.add_argument("--trials", default=1, type=_positive,
+                     help="trials per task; trial k uses the task's init state k (default 1, at most 50)")
+    run.add_argument("--first-trial", default=0, type=int, help="index of the first trial (default 0)")
+    run.add_argument("--max-steps", default=None, type=_positive,
+                     help="policy actions per episode before it counts as a failure (default: the protocol's "
+                          + ", ".join(f"{k} {v}" for k, v in MAX_STEPS.items()) + ")")
+    run.add_argument("--policy", default="hold", choices=POLICY_NAMES,
+                     help="policy to evaluate (default hold: zero actions, gripper open)")
+    run.add_argument("--label", default=None, help="name of this policy variant in results and videos (default: --policy)")
+    run.add_argument("--replan-steps", default=5, type=_positive, help="actions executed per policy query (default 5)")
+    run.add_argument("--video", default="query", choices=VIDEO_MODES,
+                     help="query: a frame per policy query (no extra rendering, the CPU default); every_step: "
+                          "a frame per env step (renders every step); none: no video")
+    run.add_argument("--no-wrist-video", action="store_true", help="agentview only in videos")
+    run.add_argument("--resolution", default=256, type=_positive, help="camera resolution (default 256, as openpi)")
+    run.add_argument("--no-lazy-render", action="store_true",
+                     help="render cameras on every step (slower; observations are identical either way)")
+    run.add_argument("--out", default=None, help="run directory (default runs/<suite>_<policy>)")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from libero_eval.episode import EpisodeSettings, run_episode
+    from libero_eval.policy_factory import make_policy
+    from libero_eval.specs import EpisodeResult, EpisodeSpec
+    from libero_eval.store import ResultStore
+    from libero_eval.summary import summary_table
+    from tasks import registry
+    from tasks.env import EnvConfig, LiberoEnv
+
+    # Validate everything before any env is created.
+    try:
+        registry.check_suite(args.suite)
+        task_ids = list(range(registry.num_tasks(args.suite))) if args.tasks == "all" else args.tasks
+        trials = list(range(args.first_trial, args.first_trial + args.trials))
+        for t in task_ids:
+            registry.check_task(args.suite, t)
+            for k in (trials[0], trials[-1]):
+                registry.check_trial(args.suite, t, k)
+        settings = EpisodeSettings(replan_steps=args.replan_steps, video=args.video, video_wrist=not args.no_wrist_video)
+        env_config = EnvConfig(resolution=args.resolution, lazy_render=not args.no_lazy_render)
+    except ValueError as exc:
+        print(f"libero-eval run: error: {exc}", file=sys.stderr)
+        return 2
+    label = args.label or args.policy
+    max_steps = args.max_steps or registry.MAX_STEPS[args.suite]
+    out = Path(args.out or f"runs/{args.suite}_{label}")
+    store = ResultStore(out)
+    (out / "run.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    policy = make_policy(args.policy)
+
+    specs = [EpisodeSpec(args.suite, t, k, label, max_steps) for t in task_ids for k in trials]
+    done_keys = store.finished_keys()
+    todo = [s for s in specs if s.key not in done_keys]
+    if len(todo) < len(specs):
+        print(f"resuming {out}: {len(specs) - len(todo)} of {len(specs)} episodes already stored")
+
+    successes = 0
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="episodes", unit="ep", dynamic_ncols=True)
+    for task_id in task_ids:
+        task_specs = [s for s in todo if s.task_id == task_id]
+        if not task_specs:
+            continue
+        task = registry.get_task(args.suite, task_id)
+        bar.set_postfix_str(f"creating env for {args.suite} task {task_id}")
+        try:
+            env = LiberoEnv(task, env_config)
+        except Exception as exc:
+            for spec in task_specs:
+                store.append(_env_error_result(spec, task.name, exc))
+                bar.update(1)
+            continue
+        try:
+            for spec in task_specs:
+                bar.set_postfix_str(f"task {task_id} trial {spec.trial} | success {successes}")
+                result = run_episode(spec, env, policy, settings, run_dir=out)
+                store.append(result)
+                successes += result.success
+                bar.update(1)
+        finally:
+            env.close()
+    bar.close()
+
+    results = [r for r in store.load() if r.key in {s.key for s in specs}]
+    print()
+    print(summary_table(results))
+    print(f"\nresults: {store.path}\nvideos:  {store.videos_dir}")
+    return 1 if any(r.status == "error" for r in results) else 0
+
+
+def _env_error_result(spec, task_name: str, exc: BaseException):
+    from datetime import datetime, timezone
+
+    from libero_eval.specs import EpisodeResult
+
+    return EpisodeResult(
+        key=spec.key, suite=spec.suite, task_id=spec.task_id, task_name=task_name, trial=spec.trial,
+        policy_label=spec.policy_label, seed=spec.seed, status="error", success=False, reason="env_error",
+        steps=0, wall_s=0.0, error=f"{type(exc).__name__}: {exc}",
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""One closed-loop LIBERO episode, following openpi's examples/libero/main.py.
+
+1. policy.reset(episode key, paired seed); env.reset(seed) + set_init_state(init_states[trial])
+2. 10 settle steps with the dummy action (done is not checked, as in openpi)
+3. until done or max_steps policy actions: when the action queue is empty, build the observation
+   (tasks.protocol) and query the policy; execute the first `replan_steps` actions of the chunk
+4. success = the env's done flag at any step
+
+Outcomes: success; failure (max_steps, or `env_exception`: the simulator raised under the policy's
+actions); error (anything outside the episode's control: env reset, rendering, the policy crashing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from collections import deque
+from datetime import datetime, timezone
+from pathlib import Path
+
+from policies.base import Policy
+from tasks import protocol, registry
+from tasks.env import LiberoEnv, RenderError
+from tasks.video import VideoWriter, hud_frame, unique_path
+
+from libero_eval.specs import EpisodeResult, EpisodeSpec
+
+VIDEO_MODES = ("query", "every_step", "none")
+
+
+@dataclasses.dataclass
+class EpisodeSettings:
+    replan_steps: int = protocol.REPLAN_STEPS
+    num_steps_wait: int = protocol.NUM_STEPS_WAIT
+    video: str = "query"  # query: one frame per policy query (no extra renders); every_step: full fps
+    video_wrist: bool = True  # wrist camera side by side with agentview
+    video_fps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.video not in VIDEO_MODES:
+            raise ValueError(f"video mode must be one of {VIDEO_MODES}, got {self.video!r}")
+        if self.replan_steps < 1:
+            raise ValueError(f"replan_steps must be >= 1, got {self.replan_steps}")
+        if self.num_steps_wait < 1:
+            raise ValueError(f"num_steps_wait must be >= 1, got {self.num_steps_wait}")
+
+
+class _EpisodeError(Exception):
+    """Internal: ends the episode as an error with `reason`."""
+
+    def __init__(self, reason: str, exc: BaseException):
+        super().__init__(reason)
+        self.reason = reason
+        self.exc = exc
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_episode(
+    spec: EpisodeSpec,
+    env: LiberoEnv,
+    policy: Policy,
+    settings: EpisodeSettings | None = None,
+    run_dir: str | Path | None = None,
+) -> EpisodeResult:
+    """Run one episode and return its result; never raises for anything the episode itself does."""
+    settings = settings or EpisodeSettings()
+    t_start = time.perf_counter()
+    task = env.task
+    records: list[dict] = []
+    steps = 0
+    writer: VideoWriter | None = None
+    video_rel: str | None = None
+    status, reason, error = "failure", "max_steps", None
+    last_record = None
+
+    def frame(raw_obs, env_step: int) -> None:
+        images = [protocol.model_image(raw_obs[protocol.AGENTVIEW])]
+        if settings.video_wrist:
+            images.append(protocol.model_image(raw_obs[protocol.WRIST]))
+        if last_record is None:
+            lines, decision = [f"step {env_step}  settle"], None
+        else:
+            lines = [
+                f"step {env_step}  q{last_record['index']} {last_record['decision'].upper()} {last_record['reason']}",
+                f"{task.suite} t{task.task_id} trial {spec.trial}",
+            ]
+            decision = last_record["decision"]
+        writer.append(hud_frame(images, lines, decision))
+
+    counters_before = dataclasses.replace(env.counters, render_steps=[])
+    try:
+        try:
+            policy.reset(spec.key, spec.seed)
+        except Exception as exc:
+            raise _EpisodeError("policy_error", exc) from exc
+        try:
+            init_state = registry.init_state(spec.suite, spec.task_id, spec.trial)
+            env.set_render_every_step(settings.video == "every_step")
+            env.reset(spec.seed, init_state)
+            env.expect_observation(settings.num_steps_wait)
+            raw = None
+            for _ in range(settings.num_steps_wait):
+                raw, _ = env.step(protocol.DUMMY_ACTION)
+        except Exception as exc:
+            raise _EpisodeError("env_error", exc) from exc
+
+        if settings.video != "none" and run_dir is not None:
+            path = unique_path(Path(run_dir) / "videos" / f"{spec.file_stem}.mp4")
+            writer = VideoWriter(path, fps=settings.video_fps)
+            video_rel = str(path.relative_to(run_dir))
+
+        queue: deque = deque()
+        done = False
+        while steps < spec.max_steps:
+            if not queue:
+                obs = protocol.observation(raw, task.language)
+                try:
+                    chunk = policy.infer(obs)
+                except Exception as exc:
+                    raise _EpisodeError("policy_error", exc) from exc
+                last_record = chunk.record.to_dict()
+                last_record["env_step"] = steps
+                records.append(last_record)
+                queue.extend(chunk.actions[: settings.replan_steps])
+                if writer is not None and settings.video == "query":
+                    frame(raw, steps)
+                env.expect_observation(len(queue))
+            action = queue.popleft()
+            try:
+                raw, done = env.step(action)
+            except RenderError as exc:
+                raise _EpisodeError("render_error", exc) from exc
+            except Exception as exc:  # the simulator failed under the policy's action: the policy pays
+                steps += 1
+                status, reason, error = "failure", "env_exception", _describe(exc)
+                break
+            steps += 1
+            if writer is not None and settings.video == "every_step":
+                frame(raw, steps)
+            if done:
+                status, reason = "success", "done"
+                break
+    except _EpisodeError as exc:
+        status, reason = "error", exc.reason
+        error = _describe(exc.exc) + "\n" + "".join(traceback.format_exception(exc.exc)[-3:])
+    except Exception as exc:  # a bug of ours: still one stored result, never a silent loss
+        status, reason = "error", "internal_error"
+        error = _describe(exc) + "\n" + traceback.format_exc()
+    finally:
+        if writer is not None:
+            writer.close()
+        try:
+            policy.end_episode(spec.key)
+        except Exception:
+            pass
+
+    c = env.counters
+    env_stats = {
+        "steps": c.steps - counters_before.steps,
+        "renders": c.renders - counters_before.renders,
+        "skipped_renders": c.skipped_renders - counters_before.skipped_renders,
+        "step_s": round(c.step_s - counters_before.step_s, 4),
+        "render_s": round(c.render_s - counters_before.render_s, 4),
+        "reset_s": round(c.reset_s - counters_before.reset_s, 4),
+    }
+    return EpisodeResult(
+        key=spec.key,
+        suite=spec.suite,
+        task_id=spec.task_id,
+        task_name=task.name,
+        trial=spec.trial,
+        policy_label=spec.policy_label,
+        seed=spec.seed,
+        status=status,
+        success=status == "success",
+        reason=reason,
+        steps=steps,
+        wall_s=round(time.perf_counter() - t_start, 3),
+        error=error,
+        video=video_rel,
+        video_frames=writer.frames if writer is not None else 0,
+        records=records,
+        env_stats=env_stats,
+        policy=policy.describe(),
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )

@@ -1,0 +1,264 @@
+"""LIBERO env factory with headless GL and lazy camera rendering.
+
+On CPU a 256x256 camera render costs ~200 ms while the physics of a step costs ~7 ms, and with
+replan_steps=5 the policy reads the cameras on one step in five. `LiberoEnv` therefore renders a camera
+only when its image will be read, and stays pixel-identical to an env that renders every step.
+
+Why this needs care: robosuite samples each camera observable on its own clock inside the 25 physics
+sub-steps of a control step (first sub-step after the clock wraps, and float drift moves that sub-step).
+Forcing a render at the end of a step gives a different image; disabling the observable freezes its clock.
+So the clocks keep running exactly as robosuite runs them; only the sensor call is skipped. When the caller
+announces that the observation after `n` more steps will be read (`expect_observation(n)`), the env replays
+each camera clock ahead in pure float arithmetic, finds the step holding the last sample before that
+observation, and renders there for real.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import time
+from typing import Any
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco / robosuite are imported
+if os.environ["MUJOCO_GL"] == "egl":
+    os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+import numpy as np
+
+from tasks.registry import TaskInfo
+
+CAMERAS = ("agentview", "robot0_eye_in_hand")
+
+
+class RenderError(RuntimeError):
+    """A camera render failed (GL context lost, EGL missing): infrastructure, not the policy's fault."""
+
+
+class LazyRenderError(RuntimeError):
+    """The requested observation cannot be produced exactly (no camera sample before it)."""
+
+
+@dataclasses.dataclass
+class EnvConfig:
+    resolution: int = 256  # openpi's LIBERO_ENV_RESOLUTION
+    lazy_render: bool = True  # render cameras only on steps whose images are read
+    hard_reset: bool = True  # LIBERO's default (reload the model on every reset), as in openpi's eval
+
+    def __post_init__(self) -> None:
+        if not 32 <= int(self.resolution) <= 1024:
+            raise ValueError(f"env resolution must be in 32..1024, got {self.resolution}")
+
+
+@dataclasses.dataclass
+class EnvCounters:
+    steps: int = 0
+    renders: int = 0  # real camera renders inside steps (one per camera)
+    skipped_renders: int = 0  # camera samples whose render was skipped
+    step_s: float = 0.0  # wall time inside env.step, renders included
+    render_s: float = 0.0
+    reset_s: float = 0.0
+    render_steps: list = dataclasses.field(default_factory=list)  # (step index, camera) of each real render
+
+
+class _LazySensor:
+    """Wraps a robosuite camera sensor: renders when live, else returns the last image (never read)."""
+
+    def __init__(self, sensor, owner: "LiberoEnv", camera: str):
+        self.sensor = sensor
+        self.owner = owner
+        self.camera = camera
+        self.__modality__ = getattr(sensor, "__modality__", "image")
+        self.last: np.ndarray | None = None
+
+    def __call__(self, obs_cache):
+        if self.owner._camera_live(self.camera):
+            t0 = time.perf_counter()
+            try:
+                self.last = self.sensor(obs_cache)
+            except Exception as exc:
+                raise RenderError(f"rendering camera {self.camera} failed: {type(exc).__name__}: {exc}") from exc
+            self.owner._record_render(self.camera, time.perf_counter() - t0)
+        else:
+            self.owner.counters.skipped_renders += 1
+            if self.last is None:
+                res = self.owner.config.resolution
+                self.last = np.zeros((res, res, 3), dtype=np.uint8)
+        return self.last
+
+
+def _replay_clock(observable, n_updates: int, timestep: float) -> list[int]:
+    """Indices (0-based, among the next n_updates sub-steps) at which robosuite's Observable.update would
+    call the sensor. Mirrors robosuite 1.4 `Observable.update` (force=False) operation for operation."""
+    t = observable._time_since_last_sample
+    sampled = observable._sampled
+    delay = observable._current_delay
+    period = observable._sampling_timestep
+    events = []
+    for i in range(n_updates):
+        t += timestep
+        if not sampled and period - delay >= t:
+            events.append(i)
+            sampled = True
+        if t >= period:
+            if not sampled:
+                events.append(i)
+            t %= period
+            sampled = False
+    return events
+
+
+class LiberoEnv:
+    """One LIBERO task's env (OffScreenRenderEnv, agentview + wrist cameras), reused across trials."""
+
+    def __init__(self, task: TaskInfo, config: EnvConfig | None = None):
+        self.task = task
+        self.config = config or EnvConfig()
+        self.counters = EnvCounters()
+        self._step_index = 0  # control steps since the last reset
+        self._live_steps: dict[str, set[int]] = {c: set() for c in CAMERAS}
+        self._render_all = not self.config.lazy_render
+        self._in_reset = False
+        self._reset_live = False
+        # Per camera: was its latest sample really rendered? Then the image robosuite returns is exact.
+        self._last_render_ok = {c: False for c in CAMERAS}
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            from libero.libero.envs import OffScreenRenderEnv
+
+            self._env = OffScreenRenderEnv(
+                bddl_file_name=task.bddl_path,
+                camera_heights=self.config.resolution,
+                camera_widths=self.config.resolution,
+                camera_names=list(CAMERAS),
+                hard_reset=self.config.hard_reset,
+            )
+        self.create_s = time.perf_counter() - t0
+        self._robosuite = self._env.env
+        self._substeps = int(self._robosuite.control_timestep / self._robosuite.model_timestep)
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def reset(self, seed: int, init_state: np.ndarray, observe: bool = False) -> dict[str, Any]:
+        """Seed (before every reset: the env is reused across trials), reset, set the init state.
+
+        Returns the raw observation; it carries camera images only when `observe` is True.
+        """
+        t0 = time.perf_counter()
+        self._step_index = 0
+        self._live_steps = {c: set() for c in CAMERAS}
+        self._env.seed(int(seed))
+        self._in_reset = True
+        try:
+            self._env.reset()
+            self._wrap_cameras()
+            self._reset_live = observe
+            raw = self._env.set_init_state(np.asarray(init_state))
+        finally:
+            self._in_reset = False
+            self._reset_live = False
+        self.counters.reset_s += time.perf_counter() - t0
+        return self._filter_obs(raw, all(self._last_render_ok[c] for c in CAMERAS))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._env.close()
+            self._closed = True
+
+    def __enter__(self) -> "LiberoEnv":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- stepping ----------------------------------------------------------------------------------
+
+    @property
+    def step_index(self) -> int:
+        return self._step_index
+
+    def set_render_every_step(self, every_step: bool) -> None:
+        """Render cameras on every step (e.g. a video at full fps), lazy or not."""
+        self._render_all = every_step or not self.config.lazy_render
+
+    def expect_observation(self, in_steps: int) -> None:
+        """Announce that the camera images returned by the `in_steps`-th step from now will be read."""
+        if in_steps < 1:
+            raise ValueError(f"in_steps must be >= 1, got {in_steps}")
+        if self._render_all:
+            return
+        timestep = self._robosuite.model_timestep
+        for cam in CAMERAS:
+            observable = self._robosuite._observables[f"{cam}_image"]
+            events = _replay_clock(observable, in_steps * self._substeps, timestep)
+            if not events:
+                raise LazyRenderError(
+                    f"camera {cam} takes no sample in the next {in_steps} steps: cannot render the "
+                    f"observation of step {self._step_index + in_steps} lazily (sampling rate "
+                    f"{1 / observable._sampling_timestep:.1f} Hz)"
+                )
+            self._live_steps[cam].add(self._step_index + 1 + events[-1] // self._substeps)
+
+    def step(self, action) -> tuple[dict[str, Any], bool]:
+        """Execute one action. Returns (raw observation, done). The observation carries camera images
+        only on steps announced with `expect_observation` (or every step when rendering every step)."""
+        target = self._step_index + 1
+        t0 = time.perf_counter()
+        self._step_index = target  # the sensors consult it while the step runs
+        raw, _reward, done, _info = self._env.step(np.asarray(action, dtype=np.float64))
+        self.counters.step_s += time.perf_counter() - t0
+        self.counters.steps += 1
+        observed = all(self._last_render_ok[c] for c in CAMERAS)
+        for cam in CAMERAS:
+            self._live_steps[cam] = {s for s in self._live_steps[cam] if s > target}
+        return self._filter_obs(raw, observed), bool(done)
+
+    def check_success(self) -> bool:
+        return bool(self._env.check_success())
+
+    # -- privileged state (oracle policies and tests only) -----------------------------------------
+
+    @property
+    def sim(self):
+        return self._robosuite.sim
+
+    def get_sim_state(self) -> np.ndarray:
+        return self._env.get_sim_state()
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _wrap_cameras(self) -> None:
+        self._last_render_ok = {c: False for c in CAMERAS}
+        for cam in CAMERAS:
+            observable = self._robosuite._observables[f"{cam}_image"]
+            sensor = observable._sensor
+            if isinstance(sensor, _LazySensor):
+                sensor = sensor.sensor
+            if observable._delayer() != 0.0:
+                raise LazyRenderError(f"camera {cam} has a sampling delay: lazy rendering would not be exact")
+            observable._sensor = _LazySensor(sensor, self, cam)
+
+    def _camera_live(self, camera: str) -> bool:
+        if self._in_reset:
+            live = self._render_all or self._reset_live
+        else:
+            live = self._render_all or self._step_index in self._live_steps[camera]
+        self._last_render_ok[camera] = live
+        return live
+
+    def _record_render(self, camera: str, seconds: float) -> None:
+        if not self._in_reset:
+            self.counters.renders += 1
+            self.counters.render_steps.append((self._step_index, camera))
+        self.counters.render_s += seconds
+
+    def _filter_obs(self, raw: dict[str, Any], observed: bool) -> dict[str, Any]:
+        if observed:
+            return raw
+        return {k: v for k, v in raw.items() if not k.endswith("_image") and k != "image-state"}
+
+
+def make_env(task: TaskInfo, config: EnvConfig | None = None) -> LiberoEnv:
+    return LiberoEnv(task, config)
