@@ -1,7 +1,8 @@
 """libero-eval: closed-loop evaluation of Pi0.5 (and its cached inference paths) on LIBERO.
 
 Subcommands:
-  run   run episodes sequentially in this process (suite x tasks x trials), store results and videos
+  run     run episodes sequentially in this process (suite x tasks x trials), store results and videos
+  sweep   run a YAML-configured sweep (suites/tasks x trials x policy variants) in parallel on Ray
 """
 from __future__ import annotations
 
@@ -79,7 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-lazy-render", action="store_true",
                      help="render cameras on every step (slower; observations are identical either way)")
     run.add_argument("--out", default=None, help="run directory (default runs/<suite>_<policy>)")
+
+    sweep = sub.add_parser("sweep", help="run a sweep on Ray (local by default)", epilog=SWEEP_EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("config", help="YAML sweep config, e.g. configs/smoke.yaml")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted overrides, values parsed as YAML: trials=3 ray.num_workers=1 max_steps=null")
+    sweep.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
+    sweep.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local Ray on 127.0.0.1)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     return parser
+
+
+SWEEP_EXAMPLES = """examples:
+  libero-eval sweep configs/smoke.yaml
+  libero-eval sweep configs/libero_spatial.yaml model.checkpoint=/ckpt/pi05_libero trials=10
+  libero-eval sweep configs/smoke.yaml ray.num_workers=1 --out runs/smoke_1w
+
+Interrupt (Ctrl-C) and rerun the same command to resume: stored episodes are skipped; a run directory made
+with a different config is refused with the differences listed.
+"""
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -166,11 +186,59 @@ def _env_error_result(spec, task_name: str, exc: BaseException):
     )
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from libero_eval.config import ConfigError, load_config
+
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    try:
+        config = load_config(args.config, overrides)
+    except (ConfigError, ValueError) as exc:
+        print(f"libero-eval sweep: error: {exc}", file=sys.stderr)
+        return 2
+    from libero_eval.sweep import run_sweep
+    from libero_eval.sweep_summary import format_table, pick_baseline, policy_rows
+
+    out = Path(args.out or f"runs/{config.name}")
+    try:
+        outcome = run_sweep(config, out, progress=not args.no_progress)
+    except ConfigError as exc:
+        print(f"libero-eval sweep: error: {exc}", file=sys.stderr)
+        return 2
+    variants = config.variants()
+    baseline = pick_baseline([v.label for v in variants], {v.label: v.name for v in variants})
+    rows = policy_rows(outcome.results, baseline)
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "actor": outcome.actor_stats}, indent=2, default=str))
+    print()
+    print(format_table(rows, baseline))
+    from libero_eval.policy_factory import MODEL_FREE
+
+    if config.model.kind == "tiny" and any(v.name not in MODEL_FREE for v in variants):
+        print("\nNOTE: the model has random weights (model.kind=tiny): success rates mean nothing here and need "
+              "a real checkpoint (model.kind=checkpoint). What differs between policies is above: decisions, "
+              "reuse rate, latency, shadow deviation.")
+    stats = outcome.actor_stats
+    if stats:
+        print(f"\npolicy actor: {stats.get('requests', 0)} requests in {stats.get('batches', 0)} batches "
+              f"(mean batch {stats.get('mean_batch_size', 0):.2f})")
+    print(f"{outcome.ran} episodes run, {outcome.retries} retried attempts, {outcome.wall_s:.0f} s; results in {out}")
+    return 1 if any(r.status == "error" for r in outcome.results) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # key=value overrides may come after options (argparse stops collecting positionals at an option)
+        bad = [e for e in extra if args.command != "sweep" or "=" not in e or e.startswith("-")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = list(args.overrides) + extra
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "sweep":
+        return cmd_sweep(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

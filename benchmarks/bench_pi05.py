@@ -1,0 +1,208 @@
+"""Per-stage latency and FLOPs of Pi0.5 inference (vision, prefix, one denoise step, full denoise, total).
+
+    python benchmarks/bench_pi05.py                          # tiny on CPU (+ pi05_libero bf16 if a GPU is present)
+    python benchmarks/bench_pi05.py --config pi05_libero --device cuda --dtype bfloat16 --batch-sizes 1 4 16
+    python benchmarks/bench_pi05.py --checkpoint /ckpt/pi05_libero --device cuda   # real weights
+
+Latency: median (and min) over `--repeats` runs after `--warmup` runs, with a device sync before every
+clock read; the inputs are synthetic (2 cameras present + 1 masked, half-full prompt). FLOPs: counted by
+`torch.utils.flop_counter` (2 x MACs, matmuls/convs/attention), per batch; the pi05_libero counts are also
+computed on the meta device (no memory) so they are reported even without a GPU. Writes a table to stdout
+and JSON to benchmarks/results/bench_pi05_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from policies.pi05.checkpoint import build_model, read_checkpoint_dir  # noqa: E402
+from policies.pi05.configuration import Pi05Config  # noqa: E402
+from policies.pi05.modeling import Pi05Inputs, Pi05Model, count_parameters  # noqa: E402
+
+STAGES = ("vision", "prefix", "denoise_step", "denoise", "total")
+SHORT = {"vision": "vision", "prefix": "prefix", "denoise_step": "step", "denoise": "denoise", "total": "total"}
+
+
+def synthetic_inputs(config: Pi05Config, batch: int, device: torch.device | str) -> tuple[Pi05Inputs, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    size = config.vision.image_size
+    images = torch.rand(batch, config.num_cameras, 3, size, size, generator=gen) * 2 - 1
+    masks = torch.ones(batch, config.num_cameras, dtype=torch.bool)
+    masks[:, -1] = config.num_cameras == 1  # LIBERO: the right wrist slot is empty
+    tokens = torch.randint(1, config.vocab_size, (batch, config.max_token_len), generator=gen)
+    token_masks = torch.arange(config.max_token_len)[None].expand(batch, -1) < config.max_token_len // 2
+    noise = torch.randn(batch, config.action_horizon, config.action_dim, generator=gen)
+    inputs = Pi05Inputs(images.to(device), masks.to(device), tokens.to(device), token_masks.to(device))
+    return inputs, noise.to(device)
+
+
+def stage_functions(model: Pi05Model, inputs: Pi05Inputs, noise: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """Each stage as a closure over the outputs of the stages before it (computed once here)."""
+    prefix = model.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks)
+    prefix_kv = model.compute_prefix_kv(prefix)
+    t = torch.tensor(1.0, device=noise.device)
+    return {
+        "vision": lambda: model.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks),
+        "prefix": lambda: model.compute_prefix_kv(prefix),
+        "denoise_step": lambda: model.predict_velocity(prefix_kv, prefix.pad_mask, noise, t),
+        "denoise": lambda: model.denoise(prefix_kv, prefix.pad_mask, noise),
+        "total": lambda: model.sample_actions(inputs, noise),
+    }
+
+
+def count_flops(fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    out = {}
+    for name, fn in fns.items():
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        out[name] = counter.get_total_flops() / 1e9
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_stages(
+    fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples.append((time.perf_counter() - start) * 1e3)
+        out[name] = {"median_ms": statistics.median(samples), "min_ms": min(samples)}
+    return out
+
+
+def random_model(config: Pi05Config, device: torch.device, dtype: torch.dtype) -> Pi05Model:
+    """Random weights without a CPU detour: timings do not depend on the values (full size: 3.6 B params)."""
+    with torch.device("meta"):
+        model = Pi05Model(config)
+    model.set_precision(dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    if config.name == "tiny" or device.type == "cpu":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02)
+    else:
+        gen = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
+
+
+def bench(model: Pi05Model, label: str, batch_sizes: list[int], warmup: int, repeats: int) -> list[dict[str, Any]]:
+    device = next(model.parameters()).device
+    dtype = str(next(model.vlm.parameters()).dtype).removeprefix("torch.")
+    params = count_parameters(model)
+    unused = model.paligemma_with_expert.gemma_expert.lm_head.weight.numel()
+    runs = []
+    for batch in batch_sizes:
+        inputs, noise = synthetic_inputs(model.config, batch, device)
+        with torch.inference_mode():
+            fns = stage_functions(model, inputs, noise)
+            flops = count_flops(fns)
+            latency = time_stages(fns, device, warmup, repeats)
+        run = {"config": label, "device": str(device), "dtype": dtype, "batch": batch,
+               "params": params, "params_used": params - unused,
+               "prefix_tokens": model.config.num_prefix_tokens, "num_steps": model.config.num_steps,
+               "latency": latency, "gflop": flops}
+        runs.append(run)
+        cells = "  ".join(f"{latency[s]['median_ms']:10.2f}" for s in STAGES)
+        print(f"{label:>12} {str(device):>6} {dtype:>8} {batch:>5}  {cells}   "
+              + "  ".join(f"{flops[s]:10.3f}" for s in STAGES), flush=True)
+    return runs
+
+
+def meta_flops(config: Pi05Config, batch_sizes: list[int]) -> list[dict[str, Any]]:
+    """FLOP counts of a full-size config on the meta device: no memory, no time."""
+    with torch.device("meta"):
+        model = Pi05Model(config)
+    out = []
+    for batch in batch_sizes:
+        inputs, noise = synthetic_inputs(config, batch, "meta")
+        fns = stage_functions(model, inputs, noise)
+        out.append({"config": config.name, "batch": batch, "gflop": count_flops(fns),
+                    "params": count_parameters(model)})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=["tiny", "pi05_libero"], action="append",
+                        help="default: tiny on CPU, plus pi05_libero when a GPU is present")
+    parser.add_argument("--checkpoint", type=Path, help="benchmark a checkpoint directory instead of random weights")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = torch.device(args.device).type == "cuda"
+    header = f"{'config':>12} {'device':>6} {'dtype':>8} {'batch':>5}  "
+    header += "  ".join(f"{SHORT[s] + '_ms':>10}" for s in STAGES)
+    header += "   " + "  ".join(f"{SHORT[s] + '_GF':>10}" for s in STAGES)
+    print(header)
+    runs: list[dict[str, Any]] = []
+    if args.checkpoint:
+        info = read_checkpoint_dir(args.checkpoint)
+        dtype = args.dtype or ("bfloat16" if gpu else "float32")
+        model, _ = build_model(info.config, info.weights, device=args.device, dtype=dtype)
+        runs += bench(model, info.config.name, args.batch_sizes, args.warmup, args.repeats)
+    else:
+        configs = args.config or (["tiny", "pi05_libero"] if gpu else ["tiny"])
+        for name in configs:
+            config = Pi05Config.from_name(name)
+            device = torch.device("cpu") if name == "tiny" and args.config is None else torch.device(args.device)
+            dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" and name != "tiny" else "float32")
+            model = random_model(config, device, getattr(torch, dtype_name))
+            runs += bench(model, name, args.batch_sizes, args.warmup, args.repeats)
+            del model
+    full_flops = meta_flops(Pi05Config.from_name("pi05_libero"), args.batch_sizes)
+    for entry in full_flops:
+        print(f"pi05_libero GFLOP at batch {entry['batch']:>2} (meta device): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in entry["gflop"].items()))
+    report = {
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "settings": {"warmup": args.warmup, "repeats": args.repeats, "batch_sizes": args.batch_sizes},
+        "runs": runs,
+        "pi05_libero_meta_flops": full_flops,
+    }
+    out = args.out or ROOT / "benchmarks" / "results" / f"bench_pi05_{'cuda' if gpu else 'cpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

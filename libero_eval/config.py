@@ -1,0 +1,290 @@
+"""Sweep configuration: a typed schema (dataclasses), YAML + dotted command-line overrides, validated
+before anything expensive starts, and the expansion of policy parameter lists into labelled variants.
+
+    name: smoke
+    suites: {libero_spatial: [0, 1]}     # task ids per suite, or "all"
+    trials: 2                            # trials 0..1, or an explicit list [0, 5, 7]
+    max_steps: 20                        # cap per episode; null = the protocol's max steps per suite
+    policies:                            # labelled variants; a list value expands into several
+      - {name: none}
+      - {name: adaptive, window: 3, pixel_mae: [6.0, 7.0]}   # -> adaptive_pixel_mae6.0_window3, ..._mae7.0_...
+
+Overrides: `trials=3`, `ray.num_workers=1`, `suites={libero_object: [0]}` (values are parsed as YAML).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from policies.engine import PolicyVariant
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key, the bad value and what was expected."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    kind: str = "tiny"  # tiny: the tiny Pi0.5 with random weights | checkpoint: a real checkpoint directory
+    checkpoint: str | None = None
+    seed: int = 0  # weights seed of the tiny random model
+    device: str = "auto"  # auto: cuda if available else cpu
+    dtype: str | None = None  # null: the checkpoint's precision (float32 for tiny)
+
+
+@dataclasses.dataclass
+class EpisodeConfig:
+    replan_steps: int = 5
+    video: str = "query"  # query | every_step | none
+    video_wrist: bool = True
+    shadow: bool = False  # also compute the full path per frame and record the deviation
+
+
+@dataclasses.dataclass
+class EnvSettings:
+    resolution: int = 256
+    lazy_render: bool = True
+    hard_reset: bool = True
+
+
+@dataclasses.dataclass
+class RayConfig:
+    address: str | None = None  # null: start a local Ray on 127.0.0.1
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    policy_actor_cpus: float = 0.5  # the CPU fallback's share; on a GPU the actor takes num_gpus=1
+    max_batch: int = 8
+    batch_wait_ms: float = 5.0
+    max_retries: int = 2  # infrastructure failures (worker died, GL, OOM) retried per episode
+
+
+@dataclasses.dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "libero-eval"
+    entity: str | None = None
+    videos: str = "all"  # all | failures | first:<k> per task
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    name: str = "sweep"
+    suites: dict[str, Any] = dataclasses.field(default_factory=lambda: {"libero_spatial": [0]})
+    trials: Any = 1
+    max_steps: int | None = None
+    policies: list[dict[str, Any]] = dataclasses.field(default_factory=lambda: [{"name": "none"}])
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    episode: EpisodeConfig = dataclasses.field(default_factory=EpisodeConfig)
+    env: EnvSettings = dataclasses.field(default_factory=EnvSettings)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+
+    # -- derived ---------------------------------------------------------------------------------
+
+    def task_list(self) -> list[tuple[str, int]]:
+        from tasks import registry
+
+        out = []
+        for suite, tasks in self.suites.items():
+            ids = range(registry.num_tasks(suite)) if tasks == "all" else tasks
+            out.extend((suite, int(t)) for t in ids)
+        return out
+
+    def trial_list(self) -> list[int]:
+        return list(range(self.trials)) if isinstance(self.trials, int) else [int(t) for t in self.trials]
+
+    def variants(self) -> list[PolicyVariant]:
+        return expand_variants(self.policies)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Sections that change what an episode does; the others (ray, wandb) only change how the sweep runs, so a
+# resumed sweep may change them.
+RESULT_SECTIONS = ("suites", "trials", "max_steps", "policies", "model", "episode", "env")
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def expand_variants(policies: list[dict[str, Any]]) -> list[PolicyVariant]:
+    """Each entry's list-valued parameters expand into their cartesian product; labels name the values."""
+    variants: list[PolicyVariant] = []
+    for i, entry in enumerate(policies):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"policies[{i}] must be a mapping with a 'name', got {entry!r}")
+        entry = dict(entry)
+        name = entry.pop("name")
+        label = entry.pop("label", None)
+        swept = {k: v for k, v in entry.items() if isinstance(v, list)}
+        fixed = {k: v for k, v in entry.items() if not isinstance(v, list)}
+        keys = sorted(swept)
+        for values in itertools.product(*(swept[k] for k in keys)) if keys else [()]:
+            params = {**fixed, **dict(zip(keys, values))}
+            if label is not None:
+                name_part = label + "".join(f"_{k}{_format_value(v)}" for k, v in zip(keys, values))
+            else:
+                name_part = name + "".join(f"_{k}{_format_value(params[k])}" for k in sorted(params))
+            variants.append(PolicyVariant.make(name_part, name, params))
+    labels = [v.label for v in variants]
+    duplicates = sorted({l for l in labels if labels.count(l) > 1})
+    if duplicates:
+        raise ConfigError(f"policy labels must be unique, these repeat: {duplicates} (set 'label' to tell them apart)")
+    return variants
+
+
+# -- building and validation ------------------------------------------------------------------------
+
+def _build(cls, data: Any, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}: {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {path or 'config'}; valid keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{path}.{key}" if path else key)
+        else:
+            kwargs[key] = _check_type(value, hint, f"{path}.{key}" if path else key)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    options = typing.get_args(hint) if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+    for option in options:
+        if option is Any or option is type(None) and value is None:
+            return value
+        base = typing.get_origin(option) or option
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(base, type) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
+            return value
+    expected = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options)
+    raise ConfigError(f"{path}: expected {expected}, got {type(value).__name__} {value!r}")
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. ray.num_workers=1)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> SweepConfig:
+    """YAML file (or none: the defaults) + overrides -> a validated SweepConfig."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level, got {type(data).__name__}")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    config = _build(SweepConfig, data, "")
+    validate(config)
+    return config
+
+
+def validate(config: SweepConfig) -> None:
+    """Everything that can be checked without an env or a model: suites, tasks, trials, policies, settings."""
+    from libero_eval.episode import VIDEO_MODES
+    from libero_eval.policy_factory import validate_variant
+    from tasks import registry
+
+    if not config.name or "/" in config.name:
+        raise ConfigError(f"name must be a non-empty string without '/', got {config.name!r}")
+    if not isinstance(config.suites, dict) or not config.suites:
+        raise ConfigError(f"suites must map suite names to task lists, got {config.suites!r}")
+    for suite, tasks in config.suites.items():
+        try:
+            registry.check_suite(suite)
+        except registry.TaskSpecError as exc:
+            raise ConfigError(f"suites: {exc}") from None
+        if tasks != "all":
+            if not isinstance(tasks, list) or not tasks:
+                raise ConfigError(f"suites.{suite}: expected a non-empty list of task ids or 'all', got {tasks!r}")
+            for t in tasks:
+                try:
+                    registry.check_task(suite, t)
+                except registry.TaskSpecError as exc:
+                    raise ConfigError(f"suites.{suite}: {exc}") from None
+    trials = config.trials
+    if isinstance(trials, bool) or not (isinstance(trials, int) or isinstance(trials, list)):
+        raise ConfigError(f"trials: expected a count or a list of trial indices, got {trials!r}")
+    trial_list = config.trial_list()
+    if not trial_list or len(set(trial_list)) != len(trial_list):
+        raise ConfigError(f"trials: expected at least one trial and no repeats, got {trials!r}")
+    for k in trial_list:
+        if not 0 <= k < registry.NUM_INIT_STATES:
+            raise ConfigError(f"trials: trial {k} does not exist: expected 0..{registry.NUM_INIT_STATES - 1}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ConfigError(f"max_steps: expected a positive integer or null, got {config.max_steps}")
+    if config.episode.video not in VIDEO_MODES:
+        raise ConfigError(f"episode.video: expected one of {VIDEO_MODES}, got {config.episode.video!r}")
+    if config.episode.replan_steps < 1:
+        raise ConfigError(f"episode.replan_steps: expected >= 1, got {config.episode.replan_steps}")
+    if config.model.kind not in ("tiny", "checkpoint"):
+        raise ConfigError(f"model.kind: expected 'tiny' or 'checkpoint', got {config.model.kind!r}")
+    if config.model.kind == "checkpoint":
+        if not config.model.checkpoint or not Path(config.model.checkpoint).is_dir():
+            raise ConfigError(f"model.checkpoint: expected an existing checkpoint directory, got {config.model.checkpoint!r}")
+    r = config.ray
+    if r.num_workers < 1 or r.max_batch < 1 or r.batch_wait_ms < 0 or r.max_retries < 0 or r.cpus_per_worker <= 0:
+        raise ConfigError(f"ray: num_workers, max_batch >= 1, batch_wait_ms, max_retries >= 0, cpus_per_worker > 0; got {r}")
+    if config.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"wandb.mode: expected offline, online or disabled, got {config.wandb.mode!r}")
+    for variant in config.variants():
+        validate_variant(variant)
+
+
+def diff_configs(old: dict[str, Any], new: dict[str, Any], sections=RESULT_SECTIONS) -> list[str]:
+    """Human-readable differences between two resolved configs, in the sections that change results."""
+    diffs: list[str] = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}.{k}" if path else k)
+        elif a != b:
+            diffs.append(f"{path}: stored {a!r}, now {b!r}")
+
+    for s in sections:
+        walk(old.get(s, "<missing>"), new.get(s, "<missing>"), s)
+    return diffs

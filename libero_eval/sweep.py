@@ -1,0 +1,262 @@
+"""Run a sweep on Ray: plan episodes, schedule them on rollout workers (few env re-creations), stream results
+to the run directory, retry infrastructure failures, resume interrupted sweeps.
+
+Run directory: config.yaml (the resolved config; a resume with a different one is refused), results.jsonl
+(one final result per episode), attempts.jsonl (every retried attempt and why), videos/.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from libero_eval.config import ConfigError, SweepConfig, diff_configs
+from libero_eval.specs import EpisodeResult, EpisodeSpec
+from libero_eval.store import ResultStore
+
+log = logging.getLogger("libero_eval")
+
+# Errors that are the infrastructure's, not the policy's or the task's: retried up to ray.max_retries.
+RETRYABLE_REASONS = {"env_error", "render_error", "policy_unavailable", "worker_died"}
+
+
+def plan_episodes(config: SweepConfig) -> list[EpisodeSpec]:
+    """suites/tasks x trials x variants. Order: by task, then trial, then variant (so the variants of one
+    (task, trial) pair run close together and a worker keeps its env)."""
+    from tasks import registry
+
+    specs = []
+    for suite, task_id in config.task_list():
+        max_steps = config.max_steps or registry.MAX_STEPS[suite]
+        for trial in config.trial_list():
+            for variant in config.variants():
+                specs.append(EpisodeSpec(suite, task_id, trial, variant.label, max_steps))
+    return specs
+
+
+def prepare_run_dir(config: SweepConfig, out: str | Path) -> Path:
+    """Create the run directory, or check that a resumed one was made with the same config."""
+    out = Path(out)
+    stored = out / "config.yaml"
+    resolved = config.to_dict()
+    if stored.exists():
+        old = yaml.safe_load(stored.read_text()) or {}
+        diffs = diff_configs(old, resolved)
+        if diffs:
+            raise ConfigError(
+                f"{out} holds a sweep with a different config; refusing to mix results. Differences:\n  "
+                + "\n  ".join(diffs) + f"\nUse another --out, or delete {out} to start over."
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    stored.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return out
+
+
+def init_ray(config: SweepConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env_vars = {k: os.environ[k] for k in ("MUJOCO_GL", "PYOPENGL_PLATFORM", "WANDB_MODE") if k in os.environ}
+    env_vars.setdefault("MUJOCO_GL", "egl")
+    env_vars.setdefault("PYOPENGL_PLATFORM", "egl")
+    env_vars.update({"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "LP_NUM_THREADS": "1"})
+    r = config.ray
+    if r.address:
+        ray.init(address=r.address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+    else:
+        cpus = max(os.cpu_count() or 1, math.ceil(r.num_workers * r.cpus_per_worker + r.policy_actor_cpus))
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": env_vars}, log_to_driver=False, configure_logging=False)
+
+
+@dataclasses.dataclass
+class SweepOutcome:
+    run_dir: Path
+    results: list[EpisodeResult]
+    planned: int
+    ran: int
+    retries: int
+    wall_s: float
+    actor_stats: dict[str, Any]
+
+
+class _Scheduler:
+    """Hands each free worker the next episode, preferring the task its env already holds."""
+
+    def __init__(self, specs: list[EpisodeSpec]):
+        self.by_task: dict[tuple[str, int], list[EpisodeSpec]] = defaultdict(list)
+        for s in specs:
+            self.by_task[(s.suite, s.task_id)].append(s)
+        self.retry: list[tuple[EpisodeSpec, int]] = []
+
+    def next(self, current: tuple[str, int] | None, busy_tasks: set) -> tuple[EpisodeSpec, int] | None:
+        for i, (spec, attempt) in enumerate(self.retry):
+            if (spec.suite, spec.task_id) == current:
+                return self.retry.pop(i)
+        if current in self.by_task and self.by_task[current]:
+            return self.by_task[current].pop(0), 1
+        if self.retry:
+            return self.retry.pop(0)
+        candidates = [k for k, v in self.by_task.items() if v]
+        if not candidates:
+            return None
+        # a task no other worker holds, with the most episodes left
+        candidates.sort(key=lambda k: (k in busy_tasks, -len(self.by_task[k])))
+        return self.by_task[candidates[0]].pop(0), 1
+
+
+def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_result=None,
+              on_start=None) -> SweepOutcome:
+    """Run every planned episode that has no stored result yet. `on_result(result)` is called after each
+    stored result, `on_start(workers, policy_actor)` once the actors exist (tests, integrations)."""
+    import ray
+    from tqdm import tqdm
+
+    from libero_eval.ray_actors import PolicyActor, RolloutWorker
+
+    t0 = time.perf_counter()
+    run_dir = prepare_run_dir(config, out)
+    store = ResultStore(run_dir)
+    specs = plan_episodes(config)
+    done = store.finished_keys()
+    todo = [s for s in specs if s.key not in done]
+    attempts_log = run_dir / "attempts.jsonl"
+    if len(todo) < len(specs):
+        print(f"resuming {run_dir}: {len(specs) - len(todo)} of {len(specs)} episodes already stored")
+    outcome = SweepOutcome(run_dir, [], len(specs), 0, 0, 0.0, {})
+    if todo:
+        init_ray(config)
+        variants = config.variants()
+        r = config.ray
+        use_gpu = _gpu_available()
+        actor_opts = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": r.policy_actor_cpus}
+        policy_actor = PolicyActor.options(max_restarts=r.max_retries, **actor_opts).remote(
+            config.model.__dict__, variants, r.max_batch, r.batch_wait_ms, None if use_gpu else 1)
+        descriptions = {v.label: {"label": v.label, "name": v.name, **v.param_dict} for v in variants}
+        episode_settings = {
+            "replan_steps": config.episode.replan_steps,
+            "video": config.episode.video,
+            "video_wrist": config.episode.video_wrist,
+        }
+        n_workers = min(r.num_workers, len(todo))
+        workers = [
+            RolloutWorker.options(num_cpus=r.cpus_per_worker, max_restarts=-1, max_task_retries=0).remote(
+                dataclasses.asdict(config.env), episode_settings, str(run_dir), policy_actor, descriptions)
+            for _ in range(n_workers)
+        ]
+        scheduler = _Scheduler(todo)
+        worker_task: dict[int, tuple[str, int] | None] = {i: None for i in range(n_workers)}
+        pending: dict[Any, tuple[int, EpisodeSpec, int]] = {}
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for res in store.load():
+            counts[res.policy_label][0] += res.success
+            counts[res.policy_label][1] += res.status != "error"
+        bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=f"sweep {config.name}", unit="ep",
+                   dynamic_ncols=True, disable=not progress)
+
+        def submit(i: int) -> None:
+            busy = {t for j, t in worker_task.items() if j != i and t is not None}
+            nxt = scheduler.next(worker_task[i], busy)
+            if nxt is None:
+                return
+            spec, attempt = nxt
+            worker_task[i] = (spec.suite, spec.task_id)
+            ref = workers[i].run.remote(dataclasses.asdict(spec), attempt)
+            pending[ref] = (i, spec, attempt)
+
+        def retry_or_store(spec: EpisodeSpec, attempt: int, result: EpisodeResult) -> None:
+            if result.status == "error" and result.reason in RETRYABLE_REASONS and attempt <= r.max_retries:
+                with open(attempts_log, "a") as f:
+                    f.write(json.dumps({"key": spec.key, "attempt": attempt, "reason": result.reason,
+                                        "error": result.error, "at": _now()}) + "\n")
+                outcome.retries += 1
+                scheduler.retry.append((spec, attempt + 1))
+                return
+            store.append(result)
+            outcome.ran += 1
+            counts[spec.policy_label][0] += result.success
+            counts[spec.policy_label][1] += result.status != "error"
+            bar.update(1)
+            bar.set_postfix_str(" | ".join(f"{k} {s}/{n}" for k, (s, n) in sorted(counts.items())))
+            if on_result is not None:
+                on_result(result)
+
+        if on_start is not None:
+            on_start(workers, policy_actor)
+        try:
+            for i in range(n_workers):
+                submit(i)
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                ref = ready[0]
+                i, spec, attempt = pending.pop(ref)
+                try:
+                    result = EpisodeResult.from_dict(ray.get(ref))
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    worker_task[i] = None  # a restarted worker has no env
+                    result = _infra_error(spec, "worker_died", exc, attempt)
+                    _wait_alive(workers[i])
+                except Exception as exc:  # e.g. env creation failed inside the worker
+                    worker_task[i] = None
+                    result = _infra_error(spec, "env_error", exc, attempt)
+                retry_or_store(spec, attempt, result)
+                submit(i)
+            try:
+                outcome.actor_stats = ray.get(policy_actor.stats.remote(), timeout=30)
+            except Exception:
+                outcome.actor_stats = {}
+        finally:
+            bar.close()
+            for w in workers:
+                ray.kill(w, no_restart=True)
+            ray.kill(policy_actor, no_restart=True)
+    keys = {s.key for s in specs}
+    outcome.results = [res for res in store.load() if res.key in keys]
+    outcome.wall_s = time.perf_counter() - t0
+    return outcome
+
+
+def _gpu_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _wait_alive(worker, timeout_s: float = 120.0) -> None:
+    """After a worker died, wait until Ray has restarted it (calls fail with ActorUnavailableError until then)."""
+    import ray
+
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        try:
+            ray.get(worker.pid.remote(), timeout=30)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.5)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _infra_error(spec: EpisodeSpec, reason: str, exc: BaseException, attempt: int) -> EpisodeResult:
+    return EpisodeResult(
+        key=spec.key, suite=spec.suite, task_id=spec.task_id, task_name="", trial=spec.trial,
+        policy_label=spec.policy_label, seed=spec.seed, status="error", success=False, reason=reason, steps=0,
+        wall_s=0.0, error=f"{type(exc).__name__}: {exc}", attempt=attempt, finished_at=_now(),
+    )

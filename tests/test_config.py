@@ -1,0 +1,85 @@
+"""Sweep configs: schema, overrides, variant expansion, and bad input rejected before Ray starts."""
+from pathlib import Path
+
+import pytest
+
+from libero_eval.config import ConfigError, diff_configs, expand_variants, load_config
+from libero_eval.sweep import plan_episodes
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_smoke_config_plans_2_tasks_x_2_trials_x_3_variants():
+    config = load_config(CONFIGS / "smoke.yaml")
+    labels = [v.label for v in config.variants()]
+    assert labels == ["none", "none_num_steps5", "none_solverheun"]
+    specs = plan_episodes(config)
+    assert len(specs) == 12 and len({s.key for s in specs}) == 12
+    assert {s.max_steps for s in specs} == {20}
+    # paired seeds: the same (suite, task, trial) has the same seed under every variant
+    by_pair = {}
+    for s in specs:
+        by_pair.setdefault((s.suite, s.task_id, s.trial), set()).add(s.seed)
+    assert all(len(seeds) == 1 for seeds in by_pair.values())
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_validates(name):
+    load_config(CONFIGS / name)
+
+
+def test_parameter_lists_expand_into_labelled_variants():
+    variants = expand_variants([{"name": "none", "num_steps": [5, 10], "solver": ["euler", "heun"]},
+                                {"name": "none", "label": "base"}])
+    assert [v.label for v in variants] == ["none_num_steps5_solvereuler", "none_num_steps5_solverheun",
+                                           "none_num_steps10_solvereuler", "none_num_steps10_solverheun", "base"]
+    assert variants[1].param_dict == {"num_steps": 5, "solver": "heun"}
+
+
+def test_overrides_are_typed_and_dotted():
+    config = load_config(CONFIGS / "smoke.yaml", ["trials=[3, 4]", "ray.num_workers=1", "max_steps=null",
+                                                 "suites={libero_object: [5]}"])
+    assert config.trial_list() == [3, 4] and config.ray.num_workers == 1 and config.max_steps is None
+    assert config.task_list() == [("libero_object", 5)]
+    assert {s.max_steps for s in plan_episodes(config)} == {280}  # the protocol's, for libero_object
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["suites={libero_spacial: [0]}"], "unknown suite 'libero_spacial'"),
+    (["suites={libero_spatial: [10]}"], "task 10 does not exist in libero_spatial"),
+    (["trials=[0, 50]"], "trial 50 does not exist: expected 0..49"),
+    (["policies=[{name: fixed_windw}]"], "unknown policy 'fixed_windw'"),
+    (["policies=[{name: none, window: 3}]"], "policy 'none' has no parameter 'window'; valid parameters: num_steps, schedule, solver"),
+    (["policies=[{name: none, solver: ralston}]"], "solver 'ralston': expected one of euler, midpoint, heun"),
+    (["ray.num_wrkers=3"], r"unknown key\(s\) \['num_wrkers'\] in ray"),
+    (["ray.num_workers=two"], "ray.num_workers: expected int, got str 'two'"),
+    (["model.kind=checkpoint", "model.checkpoint=/nonexistent"], "expected an existing checkpoint directory"),
+    (["trials"], "must look like key=value"),
+])
+def test_bad_configs_fail_with_the_key_and_value(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(CONFIGS / "smoke.yaml", overrides)
+
+
+def test_malformed_yaml_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsuites: {libero_spatial: [0\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_diff_configs_names_what_differs_in_result_sections_only():
+    a = load_config(CONFIGS / "smoke.yaml").to_dict()
+    b = load_config(CONFIGS / "smoke.yaml", ["max_steps=30", "ray.num_workers=1"]).to_dict()
+    assert diff_configs(a, b) == ["max_steps: stored 20, now 30"]
+
+
+def test_cli_sweep_rejects_bad_config_before_ray(capsys, monkeypatch):
+    import libero_eval.sweep as sweep
+    from libero_eval import cli
+
+    monkeypatch.setattr(sweep, "init_ray", lambda *a: pytest.fail("Ray started for a bad config"))
+    assert cli.main(["sweep", str(CONFIGS / "smoke.yaml"), "policies=[{name: cache_me}]"]) == 2
+    assert "unknown policy 'cache_me'" in capsys.readouterr().err
