@@ -61,8 +61,9 @@ def make_policy(name: str, **options: Any) -> Policy:
     raise PolicySpecError(f"policy {name!r} needs a model: use `libero-eval sweep` with a model section")
 
 
-def make_engine(model: dict[str, Any], variants: list[PolicyVariant]) -> Engine:
-    """The engine the policy actor runs: sessions of every variant, served from one shared model."""
+def make_engine(model: dict[str, Any], variants: list[PolicyVariant], shadow: bool = False) -> Engine:
+    """The engine the policy actor runs: sessions of every variant, served from one shared model.
+    `shadow`: also compute the full path per frame and record the executed chunk's deviation from it."""
     for v in variants:
         validate_variant(v)
     if all(v.name in MODEL_FREE for v in variants):

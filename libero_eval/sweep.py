@@ -143,7 +143,8 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
         use_gpu = _gpu_available()
         actor_opts = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": r.policy_actor_cpus}
         policy_actor = PolicyActor.options(max_restarts=r.max_retries, **actor_opts).remote(
-            config.model.__dict__, variants, r.max_batch, r.batch_wait_ms, None if use_gpu else 1)
+            config.model.__dict__, variants, r.max_batch, r.batch_wait_ms, None if use_gpu else 1,
+            config.episode.shadow)
         descriptions = {v.label: {"label": v.label, "name": v.name, **v.param_dict} for v in variants}
         episode_settings = {
             "replan_steps": config.episode.replan_steps,
