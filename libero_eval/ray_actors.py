@@ -152,8 +152,8 @@ class RolloutWorker:
     """Owns one LIBERO env (created here, inside the actor's own process: one EGL context per process),
     reused across episodes of the same task."""
 
-    def __init__(self, env_settings: dict[str, Any], episode_settings: dict[str, Any], run_dir: str, policy_actor,
-                 descriptions: dict[str, dict[str, Any]]):
+    def __init__(self, env_settings: dict[str, Any], episode_settings: dict[str, Any], run_dir: str,
+                 policy_actor_name: str, descriptions: dict[str, dict[str, Any]]):
         os.environ.setdefault("MUJOCO_GL", "egl")
         from libero_eval.episode import EpisodeSettings
         from tasks.env import EnvConfig
@@ -161,7 +161,8 @@ class RolloutWorker:
         self.env_config = EnvConfig(**env_settings)
         self.settings = EpisodeSettings(**episode_settings)
         self.run_dir = run_dir
-        self.policy_actor = policy_actor
+        # Looked up by name, not passed as a handle: constructor arguments must survive a restart.
+        self.policy_actor = ray.get_actor(policy_actor_name)
         self.descriptions = descriptions
         self.env = None
         self.env_key: tuple[str, int] | None = None

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -142,7 +143,8 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
         r = config.ray
         use_gpu = _gpu_available()
         actor_opts = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": r.policy_actor_cpus}
-        policy_actor = PolicyActor.options(max_restarts=r.max_retries, **actor_opts).remote(
+        actor_name = f"libero-eval-policy-{uuid.uuid4().hex[:8]}"
+        policy_actor = PolicyActor.options(name=actor_name, max_restarts=r.max_retries, **actor_opts).remote(
             config.model.__dict__, variants, r.max_batch, r.batch_wait_ms, None if use_gpu else 1,
             config.episode.shadow)
         descriptions = {v.label: {"label": v.label, "name": v.name, **v.param_dict} for v in variants}
@@ -154,7 +156,7 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
         n_workers = min(r.num_workers, len(todo))
         workers = [
             RolloutWorker.options(num_cpus=r.cpus_per_worker, max_restarts=-1, max_task_retries=0).remote(
-                dataclasses.asdict(config.env), episode_settings, str(run_dir), policy_actor, descriptions)
+                dataclasses.asdict(config.env), episode_settings, str(run_dir), actor_name, descriptions)
             for _ in range(n_workers)
         ]
         scheduler = _Scheduler(todo)
