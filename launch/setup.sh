@@ -10,15 +10,16 @@ VENV=${LIBERO_EVAL_VENV:-$ROOT/.venv}
 
 say() { printf '[setup] %s\n' "$*"; }
 
-# 1. Debian packages: Mesa's software EGL (MuJoCo renders through it on CPU machines).
+# 1. Debian packages: Mesa's software EGL (MuJoCo renders through it on CPU machines), and chromium (the
+#    report test renders report.html headless).
 need_apt=()
-for pkg in libegl1 libegl-mesa0 libgl1-mesa-dri libglvnd0 libgles2; do
+for pkg in libegl1 libegl-mesa0 libgl1-mesa-dri libglvnd0 libgles2 chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     say "installing Debian packages: ${need_apt[*]}"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   else
     say "WARNING: missing Debian packages ${need_apt[*]} (need root + apt-get); rendering may fail"
   fi

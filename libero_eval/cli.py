@@ -3,6 +3,7 @@
 Subcommands:
   run     run episodes sequentially in this process (suite x tasks x trials), store results and videos
   sweep   run a YAML-configured sweep (suites/tasks x trials x policy variants) in parallel on Ray
+  report  write report.html + summary.md for a run directory (and log it to W&B again with --wandb)
 """
 from __future__ import annotations
 
@@ -89,7 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
     sweep.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local Ray on 127.0.0.1)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+
+    report = sub.add_parser("report", help="write report.html and summary.md for a run directory",
+                            epilog=REPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("run_dir", help="a run directory made by `libero-eval sweep` or `libero-eval run`")
+    report.add_argument("--wandb", action="store_true",
+                        help="also log the run directory to W&B again (one fresh run per policy variant)")
+    report.add_argument("--wandb-mode", default=None, choices=("offline", "online"),
+                        help="W&B mode for --wandb (default: the sweep config's wandb.mode, offline if disabled)")
     return parser
+
+
+REPORT_EXAMPLES = """examples:
+  libero-eval report runs/smoke                       # runs/smoke/report.html, runs/smoke/summary.md
+  libero-eval report runs/smoke --wandb --wandb-mode online
+
+Works on a finished, partial or resumed sweep: everything comes from results.jsonl (plus config.yaml, the
+videos and replay/replay_summary.json when present). W&B runs land in <run_dir>/wandb; sync offline ones
+with `wandb sync <run_dir>/wandb/offline-run-*`.
+"""
 
 
 SWEEP_EXAMPLES = """examples:
@@ -199,17 +218,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 2
     from libero_eval.sweep import run_sweep
     from libero_eval.sweep_summary import format_table, pick_baseline, policy_rows
+    from libero_eval.tracking import make_tracker
 
     out = Path(args.out or f"runs/{config.name}")
     try:
-        outcome = run_sweep(config, out, progress=not args.no_progress)
+        tracker = make_tracker(config, out)
     except ConfigError as exc:
         print(f"libero-eval sweep: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        outcome = run_sweep(config, out, progress=not args.no_progress, on_result=tracker.on_result)
+    except ConfigError as exc:
+        tracker.close()
+        print(f"libero-eval sweep: error: {exc}", file=sys.stderr)
+        return 2
+    except BaseException:
+        tracker.close()
+        raise
     variants = config.variants()
     baseline = pick_baseline([v.label for v in variants], {v.label: v.name for v in variants})
     rows = policy_rows(outcome.results, baseline)
     (out / "summary.json").write_text(json.dumps({"rows": rows, "actor": outcome.actor_stats}, indent=2, default=str))
+    tracker.finish(outcome.results, rows, baseline)
     print()
     print(format_table(rows, baseline))
     from libero_eval.policy_factory import MODEL_FREE
@@ -223,7 +253,51 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"\npolicy actor: {stats.get('requests', 0)} requests in {stats.get('batches', 0)} batches "
               f"(mean batch {stats.get('mean_batch_size', 0):.2f})")
     print(f"{outcome.ran} episodes run, {outcome.retries} retried attempts, {outcome.wall_s:.0f} s; results in {out}")
+    _write_report(out, "libero-eval sweep")
+    if tracker.failure:
+        print(f"W&B logging failed ({tracker.failure}); every result is in {out}. Log it again with "
+              f"`libero-eval report {out} --wandb`.", file=sys.stderr)
+    elif config.wandb.enabled and config.wandb.mode == "offline":
+        print(f"W&B (offline): {out / 'wandb'}; upload with `wandb sync {out / 'wandb'}/offline-run-*`")
     return 1 if any(r.status == "error" for r in outcome.results) else 0
+
+
+def _write_report(run_dir: Path, prog: str) -> bool:
+    """report.html + summary.md; a failure here is reported, never fatal to a sweep that already stored its
+    results."""
+    from libero_eval.report import write_report
+
+    try:
+        html_path, md_path = write_report(run_dir)
+    except Exception as exc:
+        print(f"{prog}: could not write the report ({type(exc).__name__}: {exc}); "
+              f"retry with `libero-eval report {run_dir}`", file=sys.stderr)
+        return False
+    print(f"report: {html_path} and {md_path}")
+    return True
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from libero_eval.report import ReportError, load_run
+
+    run_dir = Path(args.run_dir)
+    try:
+        load_run(run_dir)
+    except ReportError as exc:
+        print(f"libero-eval report: error: {exc}", file=sys.stderr)
+        return 2
+    if not _write_report(run_dir, "libero-eval report"):
+        return 1
+    if args.wandb:
+        from libero_eval.tracking import log_run_dir
+
+        try:
+            labels = log_run_dir(run_dir, args.wandb_mode)
+        except Exception as exc:
+            print(f"libero-eval report: W&B logging failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        print(f"W&B: {len(labels)} run(s) logged ({', '.join(labels)}) under {run_dir / 'wandb'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "sweep":
         return cmd_sweep(args)
+    if args.command == "report":
+        return cmd_report(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -189,8 +189,8 @@ class RolloutWorker:
         policy = RemotePolicy(self.policy_actor, spec.policy_label, self.descriptions[spec.policy_label])
         result = run_episode(spec, self.env, policy, self.settings, run_dir=self.run_dir)
         result.attempt = attempt
-        if result.status == "error" and result.error and "PolicyUnavailable" in result.error:
-            result.reason = "policy_unavailable"
+        if result.status == "error" and result.error and result.error.startswith(("PolicyUnavailable", "SessionLost")):
+            result.reason = "policy_unavailable"  # the policy actor died or restarted: infrastructure
         out = result.to_dict()
         out["_worker"] = {"pid": os.getpid(), "envs_created": self.envs_created}
         return out

@@ -62,11 +62,31 @@ def prepare_run_dir(config: SweepConfig, out: str | Path) -> Path:
     return out
 
 
+_STARTED_LOCALLY = False
+
+
+def required_cpus(config: SweepConfig) -> int:
+    r = config.ray
+    return math.ceil(r.num_workers * r.cpus_per_worker + r.policy_actor_cpus)
+
+
 def init_ray(config: SweepConfig) -> None:
+    """Start a local Ray on 127.0.0.1 (or join ray.address), with enough logical CPUs for every actor: an
+    actor that cannot be placed would wait forever."""
+    global _STARTED_LOCALLY
     import ray
 
+    need = required_cpus(config)
     if ray.is_initialized():
-        return
+        have = ray.cluster_resources().get("CPU", 0)
+        if have >= need:
+            return
+        if not _STARTED_LOCALLY:
+            raise ConfigError(
+                f"the Ray cluster has {have:g} CPUs; this sweep needs {need} (ray.num_workers="
+                f"{config.ray.num_workers} x ray.cpus_per_worker={config.ray.cpus_per_worker:g} + "
+                f"ray.policy_actor_cpus={config.ray.policy_actor_cpus:g})")
+        ray.shutdown()  # our own local Ray, started for a smaller sweep: restart it bigger
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     env_vars = {k: os.environ[k] for k in ("MUJOCO_GL", "PYOPENGL_PLATFORM", "WANDB_MODE") if k in os.environ}
@@ -76,10 +96,13 @@ def init_ray(config: SweepConfig) -> None:
     r = config.ray
     if r.address:
         ray.init(address=r.address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+        have = ray.cluster_resources().get("CPU", 0)
+        if have < need:
+            raise ConfigError(f"the Ray cluster at {r.address} has {have:g} CPUs; this sweep needs {need}")
     else:
-        cpus = max(os.cpu_count() or 1, math.ceil(r.num_workers * r.cpus_per_worker + r.policy_actor_cpus))
-        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": env_vars}, log_to_driver=False, configure_logging=False)
+        _STARTED_LOCALLY = True
 
 
 @dataclasses.dataclass
@@ -211,6 +234,10 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
                     worker_task[i] = None  # a restarted worker has no env
                     result = _infra_error(spec, "worker_died", exc, attempt)
                     _wait_alive(workers[i])
+                    try:  # the dead worker's session expires now; running episodes keep theirs
+                        ray.get(policy_actor.close_stale.remote([s.key for _, s, _ in pending.values()]), timeout=30)
+                    except Exception as stale_exc:
+                        log.warning("could not expire stale sessions: %s", stale_exc)
                 except Exception as exc:  # e.g. env creation failed inside the worker
                     worker_task[i] = None
                     result = _infra_error(spec, "env_error", exc, attempt)

@@ -17,6 +17,10 @@ from typing import Any, Callable
 from policies.base import ActionChunk, Policy, PolicyError
 
 
+class SessionLost(PolicyError):
+    """A request for a session the engine does not hold (the policy actor restarted, or it expired)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyVariant:
     label: str
@@ -82,7 +86,7 @@ class PerSessionEngine(Engine):
         for req in requests:
             policy = self._sessions.get(req.session_id)
             if policy is None:
-                out.append(PolicyError(f"no open session {req.session_id!r}"))
+                out.append(SessionLost(f"no open session {req.session_id!r}"))
                 continue
             try:
                 out.append(policy.infer(req.observation))

@@ -1,0 +1,156 @@
+"""The pictures of a sweep, as PNG bytes (for W&B images and the self-contained report.html).
+
+Built on matplotlib's object API with the Agg canvas (no pyplot, no global backend switch), so plotting
+works headless, in any thread, and leaves the process's matplotlib state alone.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# The HUD's colours (tasks.video), so a timeline and its video read alike.
+DECISION_COLOURS = {"full": "#50c878", "reuse": "#f0b428", "partial": "#5aa0f0"}
+OTHER_COLOUR = "#9a9a9a"
+BASELINE_COLOUR = "#4a4a4a"
+HIGHLIGHT_COLOUR = "#d0403a"
+BAR_COLOUR = "#3a78b8"
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def overall_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per policy: its ALL row when it spans several suites, else its only suite row."""
+    by_policy: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["suite"] == "ALL" or row["policy"] not in by_policy:
+            by_policy[row["policy"]] = row
+    return list(by_policy.values())
+
+
+def success_by_policy(rows: list[dict[str, Any]], baseline: str | None = None,
+                      highlight: str | None = None) -> bytes:
+    """Success rate per policy with 95% Wilson interval bars, annotated k/n."""
+    data = overall_rows(rows)
+    fig = Figure(figsize=(max(4.0, 1.1 * len(data) + 2), 3.6))
+    ax = fig.add_subplot()
+    xs = range(len(data))
+    rates = [r["success_rate"] or 0.0 for r in data]
+    lower = [rate - r["wilson_low"] for rate, r in zip(rates, data)]
+    upper = [r["wilson_high"] - rate for rate, r in zip(rates, data)]
+    colours = [HIGHLIGHT_COLOUR if r["policy"] == highlight else BASELINE_COLOUR if r["policy"] == baseline
+               else BAR_COLOUR for r in data]
+    ax.bar(xs, rates, color=colours, yerr=[lower, upper], capsize=4, ecolor="black")
+    for x, r in zip(xs, data):
+        ax.annotate(f"{r['successes']}/{r['n']}", (x, 0.02), ha="center", color="white", fontsize=8)
+    ax.set_xticks(list(xs), [r["policy"] for r in data], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate (95% Wilson)")
+    ax.set_title("Success rate per cache policy")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both speedup and success, sorted by speedup."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
+def success_vs_speedup(rows: list[dict[str, Any]], highlight: str | None = None) -> bytes:
+    """The Pareto picture: success (with Wilson bars) against speedup over the baseline's latency."""
+    data = [r for r in overall_rows(rows) if r.get("speedup") is not None]
+    fig = Figure(figsize=(5.5, 4.0))
+    ax = fig.add_subplot()
+    if not data:
+        ax.text(0.5, 0.5, "no speedup: the sweep has no baseline (policy 'none') with latency",
+                ha="center", va="center", transform=ax.transAxes, fontsize=9)
+        ax.set_axis_off()
+        return _png(fig)
+    for r in data:
+        rate = r["success_rate"] or 0.0
+        colour = HIGHLIGHT_COLOUR if r["policy"] == highlight else BAR_COLOUR
+        ax.errorbar([r["speedup"]], [rate], yerr=[[rate - r["wilson_low"]], [r["wilson_high"] - rate]],
+                    fmt="o", color=colour, capsize=3)
+        ax.annotate(r["policy"], (r["speedup"], rate), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    front = pareto_front([(r["speedup"], r["success_rate"] or 0.0) for r in data])
+    ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", lw=1, label="Pareto front")
+    ax.axvline(1.0, color=BASELINE_COLOUR, lw=0.8, alpha=0.5)
+    ax.set_xlabel("speedup vs baseline (mean inference latency)")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Success vs speedup")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _signal_names(records: list[dict[str, Any]], limit: int) -> list[str]:
+    """Signals with a trigger threshold first (they explain the decisions), then the rest, in first-seen order."""
+    names: list[str] = []
+    with_threshold: list[str] = []
+    for rec in records:
+        thresholds = (rec.get("extra") or {}).get("thresholds") or {}
+        for name in rec.get("signals", {}):
+            if name not in names:
+                names.append(name)
+            if name in thresholds and name not in with_threshold:
+                with_threshold.append(name)
+    ordered = with_threshold + [n for n in names if n not in with_threshold]
+    return ordered[:limit]
+
+
+def timeline(result, max_signals: int = 4) -> bytes | None:
+    """Per-episode timeline: each signal over env steps (points coloured by the frame's decision) with its
+    trigger threshold (dashed), and a strip of decisions with full frames labelled by their reason code.
+    None without frames."""
+    records = result.records
+    if not records:
+        return None
+    names = _signal_names(records, max_signals)
+    fig = Figure(figsize=(7.5, 1.2 + 1.5 * len(names)))
+    axes = fig.subplots(len(names) + 1, 1, sharex=True, squeeze=False,
+                        gridspec_kw={"height_ratios": [3] * len(names) + [1.4]})[:, 0]
+    steps = [rec.get("env_step", rec.get("index", i)) for i, rec in enumerate(records)]
+    for ax, name in zip(axes, names):
+        points = [(s, rec["signals"][name], rec.get("decision", "")) for s, rec in zip(steps, records)
+                  if name in rec.get("signals", {})]
+        ax.plot([p[0] for p in points], [p[1] for p in points], "-", color="#b0b0b0", lw=1, zorder=1)
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, zorder=2,
+                   c=[DECISION_COLOURS.get(p[2], OTHER_COLOUR) for p in points])
+        thresholds = [(s, (rec.get("extra") or {}).get("thresholds", {}).get(name)) for s, rec in zip(steps, records)]
+        thresholds = [(s, t) for s, t in thresholds if t is not None]
+        if thresholds:
+            ax.step([s for s, _ in thresholds], [t for _, t in thresholds], "--", where="post",
+                    color=HIGHLIGHT_COLOUR, lw=1, label="threshold")
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        ax.set_ylabel(name, fontsize=8)
+        ax.grid(alpha=0.3)
+    strip = axes[-1]
+    for s, rec in zip(steps, records):
+        decision = rec.get("decision", "")
+        strip.axvline(s, color=DECISION_COLOURS.get(decision, OTHER_COLOUR), lw=3)
+    full = [(s, rec.get("reason", "")) for s, rec in zip(steps, records) if rec.get("decision") == "full"]
+    for s, reason in full[:30]:
+        strip.annotate(reason, (s, 0.5), xytext=(3, 0), textcoords="offset points", rotation=90, fontsize=6,
+                       ha="left", va="center")
+    strip.set_ylim(0, 1)
+    strip.set_yticks([])
+    strip.set_ylabel("decision", fontsize=8)
+    strip.set_xlabel("env step")
+    legend = [(k, c) for k, c in DECISION_COLOURS.items() if any(r.get("decision") == k for r in records)]
+    for name, colour in legend:
+        strip.plot([], [], color=colour, lw=3, label=name.upper())
+    if legend:
+        strip.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    outcome = "success" if result.success else f"{result.status} ({result.reason})"
+    axes[0].set_title(f"{result.policy_label} | {result.suite} task {result.task_id} trial {result.trial} | {outcome}",
+                      fontsize=9)
+    return _png(fig)

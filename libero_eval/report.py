@@ -1,0 +1,361 @@
+"""The local report of a run directory: `report.html` (self-contained: tables, plots as PNG data URIs,
+relative links to the videos) and `summary.md`, both built from results.jsonl alone, so they work on a
+finished, partial or resumed sweep and never depend on the sweep process (or W&B) having survived.
+
+Offline fidelity from `libero-eval replay` (replay/replay_summary.json) sits beside closed-loop success
+when the run directory has both.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import numpy as np
+import yaml
+
+from libero_eval import plots
+from libero_eval.plots import overall_rows
+from libero_eval.specs import EpisodeResult
+from libero_eval.stats import wilson_interval
+from libero_eval.store import RESULTS_FILE, ResultStore
+from libero_eval.sweep_summary import REUSE_DECISIONS, pick_baseline, policy_rows
+
+REPLAY_SUMMARY = Path("replay") / "replay_summary.json"
+PLOTS_DIR = "report"  # PNG copies of the plots, for summary.md
+
+
+class ReportError(ValueError):
+    """A run directory that cannot be reported on; the message says what is missing."""
+
+
+# -- numbers ----------------------------------------------------------------------------------------
+
+def episode_metrics(result: EpisodeResult) -> dict[str, float | int | None]:
+    """What one episode's frames say: reuse rate, inference latency (mean, p95), shadow deviation."""
+    records = result.records
+    latency = [rec["latency_ms"]["total"] for rec in records if "total" in rec.get("latency_ms", {})]
+    cos = [rec["signals"]["shadow_cos"] for rec in records if "shadow_cos" in rec.get("signals", {})]
+    l2 = [rec["signals"]["shadow_l2"] for rec in records if "shadow_l2" in rec.get("signals", {})]
+    reused = sum(rec.get("decision") in REUSE_DECISIONS for rec in records)
+    return {
+        "frames": len(records),
+        "reuse_rate": reused / len(records) if records else None,
+        "latency_mean_ms": mean(latency) if latency else None,
+        "latency_p95_ms": float(np.percentile(latency, 95)) if latency else None,
+        "shadow_cos_mean": mean(cos) if cos else None,
+        "shadow_cos_min": min(cos) if cos else None,
+        "shadow_l2_mean": mean(l2) if l2 else None,
+    }
+
+
+def latency_p95(results: list[EpisodeResult]) -> float | None:
+    values = [rec["latency_ms"]["total"] for r in results if r.status != "error" for rec in r.records
+              if "total" in rec.get("latency_ms", {})]
+    return float(np.percentile(values, 95)) if values else None
+
+
+def task_rows(results: list[EpisodeResult]) -> list[dict[str, Any]]:
+    """Success per (policy, suite, task) with 95% Wilson bounds; errors are counted apart."""
+    groups: dict[tuple[str, str, int], list[EpisodeResult]] = defaultdict(list)
+    for r in results:
+        groups[(r.policy_label, r.suite, r.task_id)].append(r)
+    rows = []
+    for (label, suite, task_id), group in sorted(groups.items()):
+        scored = [r for r in group if r.status != "error"]
+        n, k = len(scored), sum(r.success for r in scored)
+        lo, hi = wilson_interval(k, n)
+        rows.append({"policy": label, "suite": suite, "task_id": task_id,
+                     "task_name": next((r.task_name for r in group if r.task_name), ""),
+                     "n": n, "successes": k, "success_rate": k / n if n else None,
+                     "wilson_low": lo, "wilson_high": hi, "errors": len(group) - n})
+    return rows
+
+
+# -- the run directory ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunData:
+    run_dir: Path
+    name: str
+    config: dict[str, Any] | None  # the resolved config.yaml of a sweep; None for `libero-eval run` dirs
+    results: list[EpisodeResult]
+    planned: int | None
+    retries: int
+    variants: dict[str, dict[str, Any]]  # label -> {"name": ..., **params}
+    baseline: str | None
+    replay: dict[str, Any] | None
+    notes: list[str]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return policy_rows(self.results, self.baseline)
+
+    @property
+    def state(self) -> str:
+        if self.planned is None:
+            return f"{len(self.results)} episodes stored"
+        if len(self.results) >= self.planned:
+            return f"complete: {len(self.results)} of {self.planned} planned episodes"
+        return (f"partial: {len(self.results)} of {self.planned} planned episodes stored "
+                "(rerun the sweep with the same --out to resume)")
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    run_dir = Path(run_dir)
+    if not (run_dir / RESULTS_FILE).is_file():
+        if not run_dir.exists():
+            raise ReportError(f"{run_dir} does not exist: expected a run directory made by `libero-eval sweep` "
+                              "or `libero-eval run`")
+        raise ReportError(f"{run_dir} has no {RESULTS_FILE}: no episode has finished there yet, or it is not a "
+                          "run directory of `libero-eval sweep` / `libero-eval run`")
+    results = ResultStore(run_dir).load()
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    variants: dict[str, dict[str, Any]] = {}
+    planned = None
+    if config:
+        from libero_eval.config import expand_variants
+
+        for v in expand_variants(config.get("policies") or []):
+            variants[v.label] = {"name": v.name, **v.param_dict}
+        planned = _planned(config, len(variants))
+    for r in results:
+        if r.policy_label not in variants:
+            described = {k: v for k, v in (r.policy or {}).items() if k != "label"}
+            variants[r.policy_label] = {"name": described.pop("name", r.policy_label), **described}
+    attempts = run_dir / "attempts.jsonl"
+    retries = sum(1 for line in attempts.read_text().splitlines() if line.strip()) if attempts.is_file() else 0
+    replay, notes = None, []
+    if (run_dir / REPLAY_SUMMARY).is_file():
+        try:
+            replay = json.loads((run_dir / REPLAY_SUMMARY).read_text())
+        except json.JSONDecodeError as exc:
+            notes.append(f"{REPLAY_SUMMARY} is not valid JSON ({exc}); offline fidelity left out")
+    labels = sorted(variants)
+    baseline = pick_baseline(labels, {k: v["name"] for k, v in variants.items()})
+    name = (config or {}).get("name") or run_dir.resolve().name
+    return RunData(run_dir, name, config, results, planned, retries, variants, baseline, replay, notes)
+
+
+def _planned(config: dict[str, Any], n_variants: int) -> int | None:
+    from tasks import registry
+
+    try:
+        tasks = sum(registry.num_tasks(s) if t == "all" else len(t) for s, t in config["suites"].items())
+        trials = config["trials"] if isinstance(config["trials"], int) else len(config["trials"])
+    except (KeyError, TypeError, ValueError) as exc:
+        warnings.warn(f"config.yaml: cannot count the planned episodes ({exc})", stacklevel=2)
+        return None
+    return tasks * trials * n_variants
+
+
+def pick_timelines(data: RunData, per_policy: int = 2) -> list[EpisodeResult]:
+    """Per policy, the episodes most worth a look: ones it failed where the baseline succeeded (the paired
+    cost of caching), then its first episodes; only episodes with signals (a baseline's all-FULL strip
+    says nothing)."""
+    base = {(r.suite, r.task_id, r.trial): r.success for r in data.results if r.policy_label == data.baseline}
+    chosen = []
+    by_label: dict[str, list[EpisodeResult]] = defaultdict(list)
+    for r in sorted(data.results, key=lambda r: (r.suite, r.task_id, r.trial)):
+        if any(rec.get("signals") for rec in r.records):
+            by_label[r.policy_label].append(r)
+    for label in sorted(by_label, key=lambda l: (l != data.baseline, l)):
+        episodes = by_label[label]
+        lost = [r for r in episodes if not r.success and base.get((r.suite, r.task_id, r.trial))]
+        chosen.extend((lost + [r for r in episodes if r not in lost])[:per_policy])
+    return chosen
+
+
+# -- formatting -------------------------------------------------------------------------------------
+
+def _num(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _success(row: dict[str, Any]) -> str:
+    if row.get("success_rate") is None:
+        return "-"
+    return f"{row['successes']}/{row['n']} {_pct(row['success_rate'])} [{_pct(row['wilson_low'])}-{_pct(row['wilson_high'])}]"
+
+
+def policy_table(data: RunData) -> tuple[list[str], list[list[str]]]:
+    header = ["policy", "suite", "success [95% CI]", "vs baseline", "reuse", "latency ms", "Hz", "speedup",
+              "shadow cos (mean/min)", "full frames by reason", "errors"]
+    body = []
+    for r in data.rows:
+        paired = (f"-{r['base_only']}/+{r['variant_only']} p={r['mcnemar_p']:.2f}" if "pairs" in r
+                  else "(baseline)" if r["policy"] == data.baseline else "-")
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["full_by_reason"].items(), key=lambda kv: -kv[1]))
+        hz = 1000.0 / r["latency_ms"] if r["latency_ms"] else None
+        shadow = "-" if r["shadow_cos_mean"] is None else f"{r['shadow_cos_mean']:.3f} / {r['shadow_cos_min']:.3f}"
+        body.append([r["policy"], r["suite"], _success(r), paired, _pct(r["reuse_rate"]), _num(r["latency_ms"]),
+                     _num(hz), _num(r["speedup"], ".2f") + ("x" if r["speedup"] else ""), shadow, reasons or "-",
+                     str(r["errors"])])
+    return header, body
+
+
+def fidelity_table(data: RunData) -> tuple[list[str], list[list[str]]]:
+    """Closed-loop success beside the offline replay's action fidelity, one row per policy in either."""
+    header = ["policy", "closed-loop success [95% CI]", "closed-loop reuse", "speedup", "replay frames",
+              "cos mean", "cos p5", "cos min", "L2 mean", "replay reuse", "compute skipped"]
+    closed = {r["policy"]: r for r in overall_rows(data.rows)}
+    offline = {p.get("policy"): p for p in (data.replay or {}).get("policies", [])}
+    body = []
+    for label in sorted(set(closed) | set(offline), key=lambda l: (l != data.baseline, l)):
+        c, o = closed.get(label, {}), offline.get(label, {})
+        body.append([label, _success(c) if c else "-", _pct(c.get("reuse_rate")),
+                     _num(c.get("speedup"), ".2f") + ("x" if c.get("speedup") else ""),
+                     str(o.get("frames", "-")), _num(o.get("cos_mean"), ".4f"), _num(o.get("cos_p5"), ".4f"),
+                     _num(o.get("cos_min"), ".4f"), _num(o.get("l2_mean"), ".4f"), _pct(o.get("reuse_rate")),
+                     _pct(o.get("compute_skipped"))])
+    return header, body
+
+
+def signal_table(data: RunData) -> tuple[list[str], list[list[str]]]:
+    header = ["policy", "signal", "p50", "p75", "p90", "p95"]
+    body = []
+    for p in (data.replay or {}).get("policies", []):
+        for name, q in sorted((p.get("signals") or {}).items()):
+            body.append([p.get("policy", "?"), name, *(_num(q.get(k), ".4g") for k in ("p50", "p75", "p90", "p95"))])
+    return header, body
+
+
+def task_table(data: RunData) -> tuple[list[str], list[list[str]]]:
+    rows = task_rows(data.results)
+    labels = sorted({r["policy"] for r in rows}, key=lambda l: (l != data.baseline, l))
+    cells = {(r["suite"], r["task_id"], r["policy"]): r for r in rows}
+    tasks = sorted({(r["suite"], r["task_id"], r["task_name"]) for r in rows})
+    body = [[suite, str(task_id), name.replace("_", " "),
+             *(_success(cells[(suite, task_id, l)]) if (suite, task_id, l) in cells else "-" for l in labels)]
+            for suite, task_id, name in tasks]
+    return ["suite", "task", "name", *labels], body
+
+
+def episode_table(data: RunData) -> tuple[list[str], list[list[str]]]:
+    """Every episode; the last column holds the video's relative path (linked in HTML)."""
+    header = ["policy", "suite", "task", "trial", "outcome", "steps", "wall s", "frames", "reuse",
+              "latency ms (mean/p95)", "shadow cos", "video"]
+    body = []
+    for r in sorted(data.results, key=lambda r: (r.policy_label, r.suite, r.task_id, r.trial)):
+        m = episode_metrics(r)
+        outcome = "success" if r.success else f"{r.status}: {r.reason}"
+        body.append([r.policy_label, r.suite, str(r.task_id), str(r.trial), outcome, str(r.steps),
+                     _num(r.wall_s), str(m["frames"]), _pct(m["reuse_rate"]),
+                     f"{_num(m['latency_mean_ms'])} / {_num(m['latency_p95_ms'])}", _num(m["shadow_cos_mean"], ".3f"),
+                     r.video or ""])
+    return header, body
+
+
+# -- writers ----------------------------------------------------------------------------------------
+
+_CSS = """body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0 20px}
+th,td{border:1px solid #ccc;padding:3px 7px;font-size:13px;text-align:left}th{background:#f0f0f0}
+img{max-width:100%;border:1px solid #ddd;margin:4px;vertical-align:top}.note{background:#fff6d6;padding:6px 10px}
+.plots img{max-height:420px}#timelines img{max-width:48%}"""
+
+
+def _html_table(table_id: str, header: list[str], body: list[list[str]], link_last: bool = False) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = []
+    for row in body:
+        cells = [f"<td>{html.escape(c)}</td>" for c in row]
+        if link_last:
+            cells[-1] = (f'<td><a href="{html.escape(row[-1])}">video</a></td>' if row[-1] else "<td>-</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _img(png: bytes, alt: str, img_id: str | None = None) -> str:
+    ident = f' id="{img_id}"' if img_id else ""
+    return f'<img{ident} alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _notes(data: RunData) -> list[str]:
+    notes = [data.state]
+    if data.retries:
+        notes.append(f"{data.retries} infrastructure failures were retried (attempts.jsonl)")
+    from libero_eval.policy_factory import MODEL_FREE
+
+    model = (data.config or {}).get("model") or {}
+    if model.get("kind") == "tiny" and any(v["name"] not in MODEL_FREE for v in data.variants.values()):
+        notes.append("the model has random weights (model.kind=tiny): success rates mean nothing here and need a "
+                     "real checkpoint; decisions, reuse rate, latency and shadow deviation still differ")
+    errors = [r for r in data.results if r.status == "error"]
+    if errors:
+        notes.append(f"{len(errors)} episode(s) ended in an error and are not counted as task failures")
+    return notes + data.notes
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.html and summary.md into the run directory (and the plots as PNG under report/)."""
+    data = load_run(run_dir)
+    run_dir = data.run_dir
+    rows = data.rows
+    figures = {"success_by_policy": plots.success_by_policy(rows, data.baseline),
+               "success_vs_speedup": plots.success_vs_speedup(rows)}
+    timelines = [(r, plots.timeline(r)) for r in pick_timelines(data)]
+    plot_dir = run_dir / PLOTS_DIR
+    plot_dir.mkdir(exist_ok=True)
+    for name, png in figures.items():
+        (plot_dir / f"{name}.png").write_bytes(png)
+
+    tables = {"policies": policy_table(data), "tasks": task_table(data), "episodes": episode_table(data)}
+    if data.replay:
+        tables["fidelity"] = fidelity_table(data)
+        tables["signals"] = signal_table(data)
+    notes = _notes(data)
+
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>libero-eval: {html.escape(data.name)}"
+             f"</title><style>{_CSS}</style></head><body>",
+             f"<h1>libero-eval report: {html.escape(data.name)}</h1>",
+             *(f'<p class="note">{html.escape(n)}</p>' for n in notes),
+             "<h2>Success per cache policy</h2>", _html_table("policies-table", *tables["policies"]),
+             '<div class="plots">', _img(figures["success_by_policy"], "success rate per policy", "plot-success"),
+             _img(figures["success_vs_speedup"], "success vs speedup", "plot-pareto"), "</div>"]
+    if data.replay:
+        model = data.replay.get("model") or {}
+        parts += ["<h2>Offline fidelity beside closed-loop success</h2>",
+                  f"<p>replay of {data.replay.get('sequences', '?')} recorded sequences; model: "
+                  f"{html.escape(json.dumps(model, sort_keys=True))}</p>",
+                  _html_table("fidelity-table", *tables["fidelity"]),
+                  "<h3>Signal distribution in replay</h3>", _html_table("signals-table", *tables["signals"])]
+    parts += ["<h2>Per task</h2>", _html_table("tasks-table", *tables["tasks"])]
+    if timelines:
+        parts.append("<h2>Timelines</h2><p>Signals with their trigger threshold (dashed) and the decision per "
+                     "frame (green FULL, orange REUSE, blue PARTIAL).</p><div id='timelines'>")
+        parts += [_img(png, r.key) for r, png in timelines if png]
+        parts.append("</div>")
+    parts += ["<h2>Episodes</h2>", _html_table("episodes-table", *tables["episodes"], link_last=True),
+              "</body></html>"]
+    html_path = run_dir / "report.html"
+    html_path.write_text("\n".join(parts), encoding="utf-8")
+
+    md = [f"# libero-eval report: {data.name}", "", *(f"- {n}" for n in notes), "",
+          "Full report with timelines and video links: [report.html](report.html)", "",
+          "## Success per cache policy", "", _md_table(*tables["policies"]), "",
+          f"![success per policy]({PLOTS_DIR}/success_by_policy.png) "
+          f"![success vs speedup]({PLOTS_DIR}/success_vs_speedup.png)", ""]
+    if data.replay:
+        md += ["## Offline fidelity beside closed-loop success", "", _md_table(*tables["fidelity"]), ""]
+    md += ["## Per task", "", _md_table(*tables["tasks"]), ""]
+    md_path = run_dir / "summary.md"
+    md_path.write_text("\n".join(md), encoding="utf-8")
+    return html_path, md_path
