@@ -4,6 +4,7 @@ Subcommands:
   run     run episodes sequentially in this process (suite x tasks x trials), store results and videos
   sweep   run a YAML-configured sweep (suites/tasks x trials x policy variants) in parallel on Ray
   report  write report.html + summary.md for a run directory (and log it to W&B again with --wandb)
+  replay  replay recorded observation sequences through every cache policy: offline fidelity per policy
 """
 from __future__ import annotations
 
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also log the run directory to W&B again (one fresh run per policy variant)")
     report.add_argument("--wandb-mode", default=None, choices=("offline", "online"),
                         help="W&B mode for --wandb (default: the sweep config's wandb.mode, offline if disabled)")
+
+    from libero_eval import replay
+
+    replay.add_parser(sub)
     return parser
 
 
@@ -313,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "sweep":
         return cmd_sweep(args)
+    if args.command == "replay":
+        from libero_eval import replay
+
+        return replay.run(args)
     if args.command == "report":
         return cmd_report(args)
     parser.error(f"unknown command {args.command}")

@@ -43,6 +43,7 @@ class EpisodeConfig:
     video: str = "query"  # query | every_step | none
     video_wrist: bool = True
     shadow: bool = False  # also compute the full path per frame and record the deviation
+    record_observations: bool = False  # save each query's observation (input of `libero-eval replay`)
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ actions); error (anything outside the episode's control: env reset, rendering, t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import traceback
 from collections import deque
@@ -35,6 +36,8 @@ class EpisodeSettings:
     video: str = "query"  # query: one frame per policy query (no extra renders); every_step: full fps
     video_wrist: bool = True  # wrist camera side by side with agentview
     video_fps: int = 10
+    # save each query's observation to <run_dir>/observations/<file stem>.npz (input of `libero-eval replay`)
+    record_observations: bool = False
 
     def __post_init__(self) -> None:
         if self.video not in VIDEO_MODES:
@@ -75,6 +78,7 @@ def run_episode(
     video_rel: str | None = None
     status, reason, error = "failure", "max_steps", None
     last_record = None
+    recorded: list[tuple[int, dict]] = []  # (env step, observation) per query, when recording
 
     def frame(raw_obs, env_step: int) -> None:
         images = [protocol.model_image(raw_obs[protocol.AGENTVIEW])]
@@ -117,6 +121,8 @@ def run_episode(
         while steps < spec.max_steps:
             if not queue:
                 obs = protocol.observation(raw, task.language)
+                if settings.record_observations:
+                    recorded.append((steps, obs))
                 try:
                     chunk = policy.infer(obs)
                 except Exception as exc:
@@ -152,6 +158,13 @@ def run_episode(
     finally:
         if writer is not None:
             writer.close()
+        if recorded and run_dir is not None:
+            from libero_eval.replay import save_observations
+
+            try:
+                save_observations(Path(run_dir) / "observations" / f"{spec.file_stem}.npz", spec, recorded)
+            except OSError as exc:  # the episode's result still counts; the missing recording is logged
+                logging.getLogger("libero_eval").warning("observations of %s not saved: %s", spec.key, exc)
         try:
             policy.end_episode(spec.key)
         except Exception:

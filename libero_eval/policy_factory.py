@@ -1,35 +1,49 @@
 """Build policies and policy engines from names and parameters (the CLI's and the configs' entry point).
 
-Variant names: `hold` (no model: zero motion, gripper open) and the Pi0.5 inference paths (`none` = the
-full path every frame; the cache policies join this table as they land in policies/cache/). Denoising
-knobs (num_steps, schedule, solver) apply to every Pi0.5 path.
+Variant names: `hold` (no model: zero motion, gripper open) and the Pi0.5 cache policies of
+`policies/cache/` (`none` = the full path every frame, the paired baseline; `fixed_window`, `adaptive`,
+`attention_drift`, `vla_cache`). Denoising knobs (num_steps, schedule, solver) apply to every Pi0.5 path.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from policies.base import Policy
+from policies.cache import CACHE_POLICY_NAMES, CachePolicyError, make_config, parameter_types
+from policies.cache.engine import DENOISE_PARAMS, DenoiseSettings
 from policies.engine import Engine, PerSessionEngine, PolicyVariant
-
-DENOISE_PARAMS = {"num_steps": int, "schedule": str, "solver": str}
-SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
-SOLVERS = ("euler", "midpoint", "heun", "dpm_solver_2", "rk4")
 
 # name -> {parameter: type}; Pi0.5 paths also take DENOISE_PARAMS
 VARIANT_PARAMS: dict[str, dict[str, type]] = {
     "hold": {},
-    "none": dict(DENOISE_PARAMS),
+    **{name: {**{k: t for k, (t, _) in parameter_types(name).items()}, **DENOISE_PARAMS}
+       for name in CACHE_POLICY_NAMES},
 }
+# parameters that accept null (their documented default, e.g. a preset's threshold)
+NULLABLE: dict[str, set[str]] = {name: {k for k, (_, nullable) in parameter_types(name).items() if nullable}
+                                 for name in CACHE_POLICY_NAMES}
 MODEL_FREE = {"hold"}
 POLICY_NAMES = tuple(VARIANT_PARAMS)
+
+__all__ = ["MODEL_FREE", "POLICY_NAMES", "VARIANT_PARAMS", "PolicySpecError", "load_pi05", "make_engine",
+           "make_policy", "pi05_engine", "validate_variant"]
 
 
 class PolicySpecError(ValueError):
     pass
 
 
+def _type_ok(value: Any, expected: type) -> bool:
+    if isinstance(value, bool):
+        return expected is bool
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
+
+
 def validate_variant(variant: PolicyVariant) -> None:
-    """Unknown names or parameters, or values of the wrong type, fail here (before Ray or a model)."""
+    """Unknown names or parameters, values of the wrong type or out of range fail here (before Ray or a
+    model); the message lists what is valid."""
     if variant.name not in VARIANT_PARAMS:
         raise PolicySpecError(f"unknown policy {variant.name!r} (label {variant.label!r}); expected one of "
                               f"{', '.join(POLICY_NAMES)}")
@@ -38,17 +52,18 @@ def validate_variant(variant: PolicyVariant) -> None:
         if key not in allowed:
             valid = ", ".join(sorted(allowed)) or "none"
             raise PolicySpecError(f"policy {variant.name!r} has no parameter {key!r}; valid parameters: {valid}")
-        expected = allowed[key]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else isinstance(value, expected) and not isinstance(value, bool)
-        if not ok:
-            raise PolicySpecError(f"policy {variant.name!r} parameter {key!r}: expected {expected.__name__}, got {value!r}")
-    params = variant.param_dict
-    if params.get("schedule", "linear") not in SCHEDULES:
-        raise PolicySpecError(f"schedule {params['schedule']!r}: expected one of {', '.join(SCHEDULES)}")
-    if params.get("solver", "euler") not in SOLVERS:
-        raise PolicySpecError(f"solver {params['solver']!r}: expected one of {', '.join(SOLVERS)}")
-    if params.get("num_steps", 10) < 1:
-        raise PolicySpecError(f"num_steps must be >= 1, got {params['num_steps']}")
+        if value is None and key in NULLABLE.get(variant.name, ()):
+            continue
+        if not _type_ok(value, allowed[key]):
+            raise PolicySpecError(f"policy {variant.name!r} parameter {key!r}: expected {allowed[key].__name__}, "
+                                  f"got {value!r}")
+    if variant.name in MODEL_FREE:
+        return
+    try:
+        _, params = DenoiseSettings.split(variant.param_dict, default_steps=10)
+        make_config(variant.name, params)
+    except (ValueError, CachePolicyError) as exc:
+        raise PolicySpecError(f"policy {variant.label!r}: {exc}") from None
 
 
 def make_policy(name: str, **options: Any) -> Policy:
@@ -61,38 +76,38 @@ def make_policy(name: str, **options: Any) -> Policy:
     raise PolicySpecError(f"policy {name!r} needs a model: use `libero-eval sweep` with a model section")
 
 
-def make_engine(model: dict[str, Any], variants: list[PolicyVariant], shadow: bool = False) -> Engine:
+def make_engine(model: dict[str, Any], variants: list[PolicyVariant], shadow: bool = False,
+                replan_steps: int = 5) -> Engine:
     """The engine the policy actor runs: sessions of every variant, served from one shared model.
-    `shadow`: also compute the full path per frame and record the executed chunk's deviation from it."""
+    `shadow`: also compute the full path per frame and record the executed chunk's deviation from it (over
+    the whole chunk and over its first `replan_steps` actions, the ones the episode executes)."""
     for v in variants:
         validate_variant(v)
     if all(v.name in MODEL_FREE for v in variants):
         from policies.simple import HoldPolicy
 
         return PerSessionEngine(lambda variant: HoldPolicy())
-    return _pi05_engine(model)
+    return pi05_engine(model, shadow=shadow, replan_steps=replan_steps)
 
 
-def _pi05_engine(model: dict[str, Any]) -> Engine:
+def load_pi05(model: dict[str, Any]):
+    """The shared Pi0.5 (a `Pi05Policy` holding model + processor) of a sweep's `model` section."""
     import torch
 
     from policies.pi05.policy import Pi05Policy
-    from policies.simple import HoldPolicy
 
     device = model.get("device") or "auto"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if model.get("kind", "tiny") == "tiny":
-        base = Pi05Policy.tiny_random(seed=int(model.get("seed", 0)), device=device)
-    else:
-        base = Pi05Policy.from_checkpoint(model["checkpoint"], device=device, dtype=model.get("dtype"))
+        return Pi05Policy.tiny_random(seed=int(model.get("seed", 0)), device=device)
+    return Pi05Policy.from_checkpoint(model["checkpoint"], device=device, dtype=model.get("dtype"))
 
-    def factory(variant: PolicyVariant) -> Policy:
-        if variant.name == "hold":
-            return HoldPolicy()
-        p = variant.param_dict
-        return Pi05Policy(base.model, base.processor, label=variant.label, checkpoint=base.checkpoint,
-                          num_steps=p.get("num_steps"), schedule=p.get("schedule", "linear"),
-                          solver=p.get("solver", "euler"))
 
-    return PerSessionEngine(factory)
+def pi05_engine(model: dict[str, Any], shadow: bool = False, replan_steps: int = 5) -> Engine:
+    from policies.cache.engine import CachedPi05Engine
+    from policies.simple import HoldPolicy
+
+    base = load_pi05(model)
+    return CachedPi05Engine(base.model, base.processor, shadow=shadow, simple_factory=lambda variant: HoldPolicy(),
+                            label=base.label, executed_steps=replan_steps)

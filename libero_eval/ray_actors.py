@@ -29,7 +29,7 @@ class PolicyUnavailable(RuntimeError):
 @ray.remote
 class PolicyActor:
     def __init__(self, model: dict[str, Any], variants: list[PolicyVariant], max_batch: int, batch_wait_ms: float,
-                 torch_threads: int | None = None, shadow: bool = False):
+                 torch_threads: int | None = None, shadow: bool = False, replan_steps: int = 5):
         import torch
 
         from libero_eval.policy_factory import make_engine
@@ -39,7 +39,7 @@ class PolicyActor:
             torch.set_num_threads(torch_threads)
         log.info("policy actor: torch %s, %d threads, cuda=%s", torch.__version__, torch.get_num_threads(),
                  torch.cuda.is_available())
-        self.engine = make_engine(model, variants, shadow=shadow)
+        self.engine = make_engine(model, variants, shadow=shadow, replan_steps=replan_steps)
         self.variants = {v.label: v for v in variants}
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000.0

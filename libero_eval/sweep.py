@@ -169,12 +169,13 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
         actor_name = f"libero-eval-policy-{uuid.uuid4().hex[:8]}"
         policy_actor = PolicyActor.options(name=actor_name, max_restarts=r.max_retries, **actor_opts).remote(
             config.model.__dict__, variants, r.max_batch, r.batch_wait_ms, None if use_gpu else 1,
-            config.episode.shadow)
+            config.episode.shadow, config.episode.replan_steps)
         descriptions = {v.label: {"label": v.label, "name": v.name, **v.param_dict} for v in variants}
         episode_settings = {
             "replan_steps": config.episode.replan_steps,
             "video": config.episode.video,
             "video_wrist": config.episode.video_wrist,
+            "record_observations": config.episode.record_observations,
         }
         n_workers = min(r.num_workers, len(todo))
         workers = [

@@ -12,7 +12,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_smoke_config_plans_2_tasks_x_2_trials_x_3_variants():
     config = load_config(CONFIGS / "smoke.yaml")
     labels = [v.label for v in config.variants()]
-    assert labels == ["none", "none_num_steps5", "none_solverheun"]
+    assert labels == ["none", "fixed_window_window2", "adaptive_pixel_mae6.5_window3"]
     specs = plan_episodes(config)
     assert len(specs) == 12 and len({s.key for s in specs}) == 12
     assert {s.max_steps for s in specs} == {20}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,8 @@ FLOAT32_PARAM_SELECTORS = (
 )
 
 AttentionLayers = bool | Sequence[int]
+# (layer, probs [B, H, Q, Tp] float32, query token indices [Q] or None = all) -> None
+AttentionCallback = Callable[[int, Tensor, Tensor | None], None]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -117,6 +119,44 @@ class PrefixKV:
             keys=tuple(torch.cat(ks, 0) for ks in zip(*(p.keys for p in parts), strict=True)),
             values=tuple(torch.cat(vs, 0) for vs in zip(*(p.values for p in parts), strict=True)),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenReuse:
+    """The plan of a partial prefix pass (VLA-Cache): which tokens each VLM layer recomputes.
+
+    `active[l]` holds the sorted indices of the tokens layer l computes, None = every token; the sets only
+    shrink with depth (a token dropped at layer l is never recomputed deeper), and in the layers where a
+    token is not active its K/V come from `cache`, the running per-layer cache of the previous frame.
+    """
+
+    cache: PrefixKV  # batch 1, per layer [1, H_kv, Tp, D]
+    active: tuple[Tensor | None, ...]  # per layer: int64 [Q_l] sorted token indices, or None (all tokens)
+
+    def tokens_per_layer(self, num_tokens: int) -> list[int]:
+        return [num_tokens if a is None else int(a.numel()) for a in self.active]
+
+    def check(self, batch: int, num_tokens: int, depth: int) -> None:
+        if batch != 1:
+            raise ValueError(f"a partial prefix pass serves one sample at a time, got batch {batch}")
+        if len(self.active) != depth or len(self.cache.keys) != depth:
+            raise ValueError(f"TokenReuse has {len(self.active)} layer plans and {len(self.cache.keys)} cached "
+                             f"layers for a model of depth {depth}")
+        if self.cache.num_tokens != num_tokens or self.cache.batch_size != 1:
+            raise ValueError(f"cache of {self.cache.batch_size} x {self.cache.num_tokens} tokens cannot serve a "
+                             f"prefix of 1 x {num_tokens} tokens")
+        previous: Tensor | None = None
+        for layer, a in enumerate(self.active):
+            if a is None:
+                if previous is not None:
+                    raise ValueError(f"layer {layer} computes every token after layer {layer - 1} dropped some")
+                continue
+            if a.numel() and (int(a.min()) < 0 or int(a.max()) >= num_tokens or bool((a[1:] <= a[:-1]).any())):
+                raise ValueError(f"layer {layer}: active tokens must be sorted unique indices in [0, {num_tokens})")
+            if previous is not None and not bool(torch.isin(a, previous).all()):
+                raise ValueError(f"layer {layer} recomputes tokens dropped at a shallower layer; the dropped set "
+                                 "may only grow with depth")
+            previous = a
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,7 +384,7 @@ class AdaRMSNorm(nn.Module):
         self.dense = nn.Linear(cond_width, 3 * width)
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        # x: [B, T, W]; cond: [B, W_c] -> y: [B, T, W] (x.dtype), gate: [B, 1, W] (x.dtype)
+        # x: [B, T, W]; cond: [B or 1, W_c] (1: shared by every row) -> y: [B, T, W], gate: [B or 1, 1, W]
         if cond is None:
             raise ValueError("AdaRMSNorm needs the time condition `cond`")
         mod = self.dense(cond.to(self.dense.weight.dtype))[:, None, :]
@@ -586,31 +626,63 @@ class Pi05Model(nn.Module):
 
     # ---- stage 2: prefix pass through the VLM expert
 
-    def compute_prefix_kv(self, prefix: Prefix, return_attention: AttentionLayers = False) -> PrefixKV:
+    def compute_prefix_kv(
+        self,
+        prefix: Prefix,
+        return_attention: AttentionLayers = False,
+        *,
+        reuse: TokenReuse | None = None,
+        on_attention: AttentionCallback | None = None,
+        callback_layers: AttentionLayers = False,
+    ) -> PrefixKV:
         """Run the prefix through every VLM layer once and keep each layer's K (after RoPE) and V.
 
-        The layer loop is explicit so a cache policy can later recompute a subset of tokens per layer.
         The last layer's attention output and MLP are skipped: only its K/V are ever read.
-        return_attention: True for all layers, or a list of layer indices; maps are [B, H, Tp, Tp] float32
+        return_attention: True for all layers, or a list of layer indices; maps are [B, H, Q, Tp] float32
         (about depth * 8 * Tp^2 * 4 bytes per sample for all layers: 540 MB at full size, so ask for few).
+        on_attention(layer, probs [B, H, Q, Tp], queries [Q] or None): called for each of `callback_layers`
+        with the map, which is then dropped; reducing maps as they appear keeps memory at one layer's map.
+        reuse: a partial pass (VLA-Cache token reuse, batch 1): from the layer where a token leaves
+        `reuse.active` its hidden state is dropped, so no projection, attention query or MLP is computed for
+        it in that layer or deeper, and its K/V there are read from `reuse.cache`; the recomputed tokens attend
+        to the merged K/V. Queries of a partial pass are the active tokens, in index order (`queries`).
         """
         cfg = self.config.vlm
         want = _resolve_layers(return_attention, cfg.depth)
+        hooked = _resolve_layers(callback_layers, cfg.depth) if on_attention is not None else frozenset()
         x = prefix.embeddings.to(self.vlm.compute_dtype)  # [B, Tp, W]
         cos, sin = rope_cos_sin(prefix.positions, cfg.head_dim, cfg.rope_theta, _upcast(x).dtype)
         mask = additive_mask(make_attention_mask(prefix.pad_mask, prefix.ar_mask), x.dtype)  # [B, 1, Tp, Tp]
+        if reuse is not None:
+            reuse.check(x.shape[0], x.shape[1], cfg.depth)
+        active: Tensor | None = None  # [Q] indices of the tokens x holds; None = all Tp
         keys, values, maps = [], [], []
         for i, layer in enumerate(self.vlm.layers):
+            if reuse is not None and reuse.active[i] is not None and reuse.active[i] is not active:
+                # drop the hidden states of the tokens that leave here (the set only shrinks with depth)
+                keep = reuse.active[i].to(x.device)
+                rows = keep if active is None else torch.searchsorted(active, keep)
+                x = x.index_select(1, rows)
+                cos, sin = cos.index_select(2, rows), sin.index_select(2, rows)
+                mask = mask.index_select(2, rows)  # [1, 1, Q, Tp]: active queries over all keys
+                active = keep
             h, _ = layer.input_layernorm(x)
             q, k, v = layer.self_attn.qkv(h)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if active is not None:
+                # merged K/V: fresh for recomputed tokens, the cache's for dropped ones (a new tensor: the
+                # cache is never written)
+                k = reuse.cache.keys[i].index_copy(2, active, k)
+                v = reuse.cache.values[i].index_copy(2, active, v)
             keys.append(k)
             values.append(v)
             updates_x = i < cfg.depth - 1  # the last layer's output would only feed the discarded final norm
             out, probs = None, None
-            if updates_x or i in want:
-                out, probs = attention(q, k, v, mask, cfg.head_dim**-0.5, want_probs=i in want)
-            maps.append(probs)
+            if updates_x or i in want or i in hooked:
+                out, probs = attention(q, k, v, mask, cfg.head_dim**-0.5, want_probs=i in want or i in hooked)
+            if i in hooked:
+                on_attention(i, probs, active)
+            maps.append(probs if i in want else None)
             if updates_x:
                 x = x + layer.self_attn.output(out)
                 h, _ = layer.post_attention_layernorm(x)
@@ -646,7 +718,12 @@ class Pi05Model(nn.Module):
                 f"batch mismatch: x_t {tuple(x_t.shape)}, prefix_mask {tuple(prefix_mask.shape)}, "
                 f"prefix_kv batch {prefix_kv.batch_size} with {prefix_kv.num_tokens} tokens"
             )
-        cond = self.time_condition(t.to(torch.float32).expand(b))
+        # One flow time for the whole batch (the sampler's case): the condition is computed for a single row
+        # and broadcast, so a row's velocity does not depend on the batch size (a [B, W] matmul takes a
+        # different CPU kernel at B = 1 than at B > 1 and rounds differently).
+        t = t.to(torch.float32)
+        shared_t = t.ndim == 0 or bool((t == t.reshape(-1)[0]).all())
+        cond = self.time_condition(t.reshape(-1)[:1] if shared_t else t.expand(b))  # [1 or B, W_expert]
         x = self.action_in_proj(x_t.to(self.action_in_proj.weight.dtype)).to(self.expert.compute_dtype)
 
         # pi05 suffix: ar = [1, 0, ..., 0] -> action tokens see all valid prefix tokens and each other.

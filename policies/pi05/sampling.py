@@ -51,6 +51,9 @@ def time_grid(num_steps: int, schedule: str) -> tuple[list[Tensor], list[Tensor]
     return [grid32[i] for i in range(num_steps)], [grid32[i + 1] - grid32[i] for i in range(num_steps)]
 
 
+# velocity evaluations per step of each solver (DenoiseResult.times has num_steps * this many entries)
+EVALUATIONS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "dpm_solver_2": 1, "rk4": 4}
+
 VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x_t [B, H, A], t: 0-dim float32 tensor) -> v [B, H, A]
 
 

@@ -1,0 +1,295 @@
+"""`libero-eval replay`: offline fidelity of cache policies on recorded observation sequences.
+
+1. Record once: episodes run with `record_observations` save every query's observation (both camera
+   images as uint8, the state, the prompt, the env step) to <run_dir>/observations/<episode>.npz.
+2. Replay: every sequence goes through every requested policy variant in shadow mode, so each frame's
+   executed actions are compared with the full computation on the same observation and noise. Per policy:
+   action cosine vs full compute (mean / p5 / min), L2, reuse rate, prefix compute skipped, and the
+   distribution (p50 / p75 / p90 / p95, the percentiles seed 003 picked thresholds from) of every signal
+   the policy decided on.
+Writes <out>/replay_summary.json (default <run_dir>/replay/), <out>/replay_records.jsonl (one line per
+frame) and prints a table. Offline fidelity is what the users' closed-loop question starts from: the
+report puts it beside closed-loop success.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from libero_eval.sweep_summary import REUSE_DECISIONS
+from policies.base import IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_IMAGE_KEY
+
+SUMMARY_FILE = "replay_summary.json"
+RECORDS_FILE = "replay_records.jsonl"
+PERCENTILES = (50, 75, 90, 95)
+NOT_DECISION_SIGNALS = ("prefix_skipped", "shadow_cos", "shadow_l2", "shadow_cos_executed", "shadow_l2_executed")
+# One variant of every cache policy (fixed_window at FlashRT's two measured windows), when none are given.
+DEFAULT_POLICIES = [
+    {"name": "none"},
+    {"name": "fixed_window", "window": [2, 3]},
+    {"name": "adaptive", "window": 3, "pixel_mae": 6.5},
+    {"name": "attention_drift"},
+    {"name": "vla_cache"},
+]
+
+EXAMPLES = """examples:
+  libero-eval replay runs/smoke                                 # runs/smoke/observations -> runs/smoke/replay
+  libero-eval replay runs/smoke --policy fixed_window:window=3 --policy adaptive:window=3,pixel_mae=6.0
+  libero-eval replay runs/x/observations --policies configs/smoke.yaml --checkpoint /ckpt/pi05_libero --out r
+
+Record sequences with `episode.record_observations` (EpisodeSettings.record_observations) in a baseline run.
+"""
+
+
+# ---- the recorded format
+
+
+@dataclasses.dataclass
+class Sequence:
+    """One recorded episode: its observations in query order and the episode seed (paired noise)."""
+
+    name: str
+    seed: int
+    observations: list[dict[str, Any]]
+    env_steps: list[int]
+
+
+def save_observations(path: str | Path, spec: Any, recorded: list[tuple[int, dict[str, Any]]]) -> Path:
+    """Write an episode's (env step, observation) pairs as one compressed npz (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "image": np.stack([np.asarray(obs[IMAGE_KEY], np.uint8) for _, obs in recorded]),  # [T, H, W, 3]
+        "wrist_image": np.stack([np.asarray(obs[WRIST_IMAGE_KEY], np.uint8) for _, obs in recorded]),
+        "state": np.stack([np.asarray(obs[STATE_KEY], np.float32) for _, obs in recorded]),  # [T, 8]
+        "env_step": np.array([step for step, _ in recorded], np.int64),
+        "prompt": np.array(str(recorded[0][1][PROMPT_KEY])),
+        "seed": np.array(int(spec.seed), np.int64),
+        "key": np.array(spec.key),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_sequence(path: str | Path) -> Sequence:
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as data:
+        missing = sorted({"image", "wrist_image", "state", "env_step", "prompt", "seed"} - set(data.files))
+        if missing:
+            raise ValueError(f"{path} is not a recorded observation sequence: it lacks {missing}")
+        prompt = str(data["prompt"])
+        observations = [{IMAGE_KEY: image, WRIST_IMAGE_KEY: wrist, STATE_KEY: state, PROMPT_KEY: prompt}
+                        for image, wrist, state in zip(data["image"], data["wrist_image"], data["state"], strict=True)]
+        return Sequence(path.stem, int(data["seed"]), observations, [int(s) for s in data["env_step"]])
+
+
+def locate(source: str | Path) -> tuple[list[Path], Path]:
+    """(sequence files, default output directory) of a run directory or an observations directory."""
+    source = Path(source)
+    if not source.is_dir():
+        raise ValueError(f"{source} is not a directory (expected a run directory or its observations/)")
+    directory = source / "observations" if (source / "observations").is_dir() else source
+    files = sorted(directory.glob("*.npz"))
+    if not files:
+        raise ValueError(f"no recorded sequences (*.npz) in {directory}; record them with "
+                         "episode.record_observations in a baseline run")
+    run_dir = directory.parent if directory.name == "observations" else directory
+    return files, run_dir / "replay"
+
+
+# ---- replay and summary
+
+
+def replay(engine, sequences: list[Sequence], variants: list, max_batch: int = 8,
+           progress=None) -> dict[str, list[dict[str, Any]]]:
+    """Serve every sequence under every variant (engine in shadow mode); returns records per variant label.
+
+    Frame t of every (variant, sequence) session is served before frame t + 1, in batches of `max_batch`.
+    """
+    from policies.engine import Request
+
+    sessions = [(v, seq, f"{v.label}/{seq.name}") for v in variants for seq in sequences]
+    for v, seq, sid in sessions:
+        engine.open(sid, v, seq.seed)
+    records: dict[str, list[dict[str, Any]]] = {v.label: [] for v in variants}
+    try:
+        for t in range(max(len(seq.observations) for seq in sequences)):
+            due = [(v, seq, sid) for v, seq, sid in sessions if t < len(seq.observations)]
+            for start in range(0, len(due), max_batch):
+                part = due[start : start + max_batch]
+                results = engine.infer_batch([Request(sid, seq.observations[t]) for _, seq, sid in part])
+                for (v, seq, _), result in zip(part, results, strict=True):
+                    if isinstance(result, BaseException):
+                        raise RuntimeError(f"replay of {seq.name} under {v.label} failed at frame {t}") from result
+                    record = result.record.to_dict()
+                    record.update(sequence=seq.name, env_step=seq.env_steps[t])
+                    records[v.label].append(record)
+                if progress is not None:
+                    progress(len(part))
+    finally:
+        for _, _, sid in sessions:
+            engine.close(sid)
+    return records
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    return {f"p{q}": float(np.percentile(values, q)) for q in PERCENTILES}
+
+
+def summarize_policy(variant, records: list[dict[str, Any]]) -> dict[str, Any]:
+    cos = [r["signals"]["shadow_cos"] for r in records]
+    names = sorted({k for r in records for k in r["signals"] if k not in NOT_DECISION_SIGNALS})
+    return {
+        "policy": variant.label,
+        "name": variant.name,
+        "frames": len(records),
+        "cos_mean": float(np.mean(cos)),
+        "cos_p5": float(np.percentile(cos, 5)),
+        "cos_min": float(np.min(cos)),
+        "l2_mean": float(np.mean([r["signals"]["shadow_l2"] for r in records])),
+        "reuse_rate": sum(r["decision"] in REUSE_DECISIONS for r in records) / len(records),
+        "compute_skipped": float(np.mean([r["signals"]["prefix_skipped"] for r in records])),
+        "signals": {name: percentiles([r["signals"][name] for r in records if name in r["signals"]])
+                    for name in names},
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = (f"{'policy':<34} {'frames':>6} {'reuse':>6} {'skipped':>8} {'cos mean':>9} {'cos p5':>7} "
+              f"{'cos min':>8} {'L2 mean':>8}  signals p50/p75/p90/p95")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        signals = "; ".join(f"{k} " + "/".join(f"{v:.3g}" for v in p.values()) for k, p in r["signals"].items())
+        lines.append(f"{r['policy']:<34} {r['frames']:>6} {r['reuse_rate']:>6.0%} {r['compute_skipped']:>8.1%} "
+                     f"{r['cos_mean']:>9.4f} {r['cos_p5']:>7.4f} {r['cos_min']:>8.4f} {r['l2_mean']:>8.4f}  {signals}")
+    return "\n".join(lines)
+
+
+# ---- command line
+
+
+def parse_policy(text: str) -> dict[str, Any]:
+    """'fixed_window:window=3,num_steps=5' -> {'name': 'fixed_window', 'window': 3, 'num_steps': 5}."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    entry: dict[str, Any] = {"name": name.strip()}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--policy {text!r}: expected name:key=value,key=value, got {item!r}")
+        entry[key.strip()] = yaml.safe_load(value)
+    return entry
+
+
+def policy_entries(files: list[str], inline: list[str]) -> list[dict[str, Any]]:
+    import yaml
+
+    entries: list[dict[str, Any]] = []
+    for file in files:
+        data = yaml.safe_load(Path(file).read_text())
+        data = data.get("policies") if isinstance(data, dict) else data
+        if not isinstance(data, list):
+            raise ValueError(f"{file}: expected a list of policies or a config with a 'policies' list")
+        entries.extend(data)
+    entries.extend(parse_policy(text) for text in inline)
+    return entries
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The sweep config stored in a run directory (config.yaml), or {} when there is none."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "replay", help="replay recorded observation sequences through cache policies (offline fidelity)",
+        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a run directory (with observations/) or a directory of recorded *.npz")
+    parser.add_argument("--policies", action="append", default=[], metavar="YAML",
+                        help="a YAML list of policies, or a sweep config (its 'policies'); repeatable")
+    parser.add_argument("--policy", action="append", default=[], metavar="NAME:K=V,...",
+                        help="one policy inline, e.g. adaptive:window=3,pixel_mae=6.5; repeatable (default "
+                             "without --policies/--policy: the run's config.yaml policies, else one variant of "
+                             "every cache policy)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="Pi0.5 checkpoint directory (default: the run's config.yaml model, else tiny random)")
+    parser.add_argument("--model-seed", type=int, default=0, help="weights seed of the tiny random model (default 0)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests per engine call (default 8)")
+    parser.add_argument("--max-frames", type=int, default=None, help="replay only the first N frames per sequence")
+    parser.add_argument("--out", default=None, help="output directory (default <run_dir>/replay)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from libero_eval.config import ConfigError, expand_variants
+    from libero_eval.policy_factory import MODEL_FREE, PolicySpecError, load_pi05, validate_variant
+
+    try:
+        files, default_out = locate(args.source)
+        stored = run_config(default_out.parent)
+        entries = policy_entries(args.policies, args.policy)
+        if not entries:  # the sweep's own variants, so the report pairs labels with closed-loop results
+            entries = [e for e in stored.get("policies", []) if e.get("name") not in MODEL_FREE] or DEFAULT_POLICIES
+        variants = expand_variants(entries)
+        for v in variants:
+            validate_variant(v)
+            if v.name in MODEL_FREE:
+                raise PolicySpecError(f"policy {v.label!r} has no model to replay; use the Pi0.5 cache policies")
+        if args.max_batch < 1 or (args.max_frames is not None and args.max_frames < 1):
+            raise ValueError(f"--max-batch and --max-frames must be >= 1, got {args.max_batch}, {args.max_frames}")
+        sequences = [load_sequence(f) for f in files]
+    except (ValueError, ConfigError, OSError) as exc:
+        print(f"libero-eval replay: error: {exc}", file=sys.stderr)
+        return 2
+    if args.max_frames is not None:
+        for seq in sequences:
+            seq.observations, seq.env_steps = seq.observations[: args.max_frames], seq.env_steps[: args.max_frames]
+
+    from tqdm import tqdm
+
+    from policies.cache.engine import CachedPi05Engine
+
+    if args.checkpoint:
+        model = {"kind": "checkpoint", "checkpoint": args.checkpoint, "device": args.device, "dtype": args.dtype}
+    elif stored.get("model"):
+        model = {**stored["model"], "device": args.device}
+    else:
+        model = {"kind": "tiny", "seed": args.model_seed, "device": args.device}
+    base = load_pi05(model)
+    engine = CachedPi05Engine(base.model, base.processor, shadow=True, label=base.label)
+    total = len(variants) * sum(len(s.observations) for s in sequences)
+    with tqdm(total=total, desc="replay", unit="frame", dynamic_ncols=True) as bar:
+        records = replay(engine, sequences, variants, args.max_batch, progress=bar.update)
+
+    described = base.describe()
+    summary = {
+        "model": {**model, "label": base.label, "config": described["config"], "dtype": described["dtype"],
+                  "device": described["device"]},
+        "sequences": len(sequences),
+        "policies": [summarize_policy(v, records[v.label]) for v in variants],
+    }
+    out = Path(args.out) if args.out else default_out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    with open(out / RECORDS_FILE, "w") as f:
+        for v in variants:
+            for record in records[v.label]:
+                f.write(json.dumps({"policy": v.label, **record}) + "\n")
+    print(format_table(summary["policies"]))
+    print(f"\n{len(sequences)} sequences x {len(variants)} policies = {total} frames -> {out / SUMMARY_FILE}")
+    return 0

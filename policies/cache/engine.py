@@ -1,0 +1,425 @@
+"""`CachedPi05Engine`: many episode sessions, each with its own cache policy, served in batches from one
+shared Pi0.5 model (the policy actor's engine; Ray-free, see policies/engine.py for the contract).
+
+`infer_batch(requests)`, one answer per request, in order:
+  1. preprocess each observation (Pi05Processor) into a Frame;
+  2. each session's policy decides full / reuse / partial (cheap; timed per request as `decide`);
+  3. vision (embed_prefix) once for every full and partial request; one batched prefix pass per group of
+     full requests with the same attention needs; partial passes (vla_cache) one at a time, since each
+     drops its own token set; reuse requests skip both and take their session's stored K/V;
+  4. denoising for the whole batch, grouped by (num_steps, schedule, solver, action-attention layers),
+     every request with its own paired noise sample_noise(episode seed, inference index);
+  5. postprocess, update each session's policy, build the records;
+  6. shadow mode: the full path for every non-full request with the same noise and settings, timed apart
+     (`latency_ms.shadow`, excluded from `total`); it never touches actions or session state.
+A request's actions do not depend on the batch it rode in: on CPU they are bit-identical to batch size 1
+(max |difference| measured 0.0, tests/test_engine_batching.py; the model computes the flow-time condition
+once per batch so no [B, W] matmul changes kernel with B). GPU kernels may round differently by batch
+shape: run that test where a GPU is lent. `total` is the wall time of the batch call that served the
+request; the records also carry `batch_size` and `queue_wait_ms` (the Ray actor overwrites both with its
+own queue's view).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from policies.base import ActionChunk, InferenceRecord, Policy, PolicyError
+from policies.cache import CACHE_POLICY_NAMES, make_cache_policy
+from policies.cache.base import AttentionNeeds, CachePolicy, Decision, Frame, FrameOutputs, PrefixLayout
+from policies.cache.signals import PrefixAttentionStats, cosine, l2
+from policies.engine import Engine, PolicyVariant, Request
+from policies.pi05.configuration import SCHEDULES, SOLVERS
+from policies.pi05.modeling import Pi05Inputs, Pi05Model, Prefix, PrefixKV
+from policies.pi05.policy import sample_noise
+from policies.pi05.processing import Pi05Processor
+from policies.pi05.sampling import EVALUATIONS_PER_STEP
+
+DENOISE_PARAMS = {"num_steps": int, "schedule": str, "solver": str}
+EXECUTED_STEPS = 5  # actions of a chunk executed before the next query (the LIBERO protocol's replan_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiseSettings:
+    """The denoising knobs of every policy (seed 004): time grid, ODE solver, number of steps."""
+
+    num_steps: int = 10
+    schedule: str = "linear"
+    solver: str = "euler"
+
+    @property
+    def key(self) -> tuple[int, str, str]:
+        return self.num_steps, self.schedule, self.solver
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {self.num_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver {self.solver!r}: expected one of {', '.join(SOLVERS)}")
+
+    @classmethod
+    def split(cls, params: dict[str, Any], default_steps: int) -> tuple[DenoiseSettings, dict[str, Any]]:
+        """(denoise settings, the remaining cache-policy parameters) of a variant's parameters."""
+        knobs = {k: v for k, v in params.items() if k in DENOISE_PARAMS}
+        knobs.setdefault("num_steps", default_steps)
+        return cls(**knobs), {k: v for k, v in params.items() if k not in DENOISE_PARAMS}
+
+
+@dataclasses.dataclass
+class Session:
+    variant: PolicyVariant
+    seed: int
+    policy: CachePolicy | None  # None: a model-free session (`simple`)
+    denoise: DenoiseSettings
+    simple: Policy | None = None
+    index: int = 0  # inference index of the next request
+
+
+@dataclasses.dataclass
+class _Row:
+    """One request in flight through `infer_batch`."""
+
+    position: int
+    session: Session
+    inputs: Pi05Inputs  # batch 1
+    frame: Frame
+    decision: Decision
+    latency: dict[str, float]
+    prefix: Prefix | None = None  # batch 1, full and partial rows
+    prefix_kv: PrefixKV | None = None
+    prefix_mask: Tensor | None = None
+    entropy: dict[int, float] = dataclasses.field(default_factory=dict)
+    relevance: dict[int, Tensor] = dataclasses.field(default_factory=dict)
+    denoise_attention: dict[int, Tensor] = dataclasses.field(default_factory=dict)
+    actions: np.ndarray | None = None  # [H, 7] unnormalised
+    shadow: dict[str, float] = dataclasses.field(default_factory=dict)  # deviation from the full path
+
+
+class CachedPi05Engine(Engine):
+    """Sessions of every Pi0.5 variant (cache policy + denoising knobs) and of model-free variants."""
+
+    def __init__(
+        self,
+        model: Pi05Model,
+        processor: Pi05Processor,
+        *,
+        shadow: bool = False,
+        executed_steps: int = EXECUTED_STEPS,
+        simple_factory: Callable[[PolicyVariant], Policy] | None = None,
+        label: str = "pi05",
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.config = model.config
+        self.layout = PrefixLayout.from_config(model.config)
+        self.device = next(model.parameters()).device
+        self.shadow = shadow
+        self.executed_steps = executed_steps
+        self.simple_factory = simple_factory
+        self.label = label
+        self._sessions: dict[str, Session] = {}
+
+    # ---- sessions
+
+    def open(self, session_id: str, variant: PolicyVariant, seed: int) -> None:
+        if seed < 0:
+            raise PolicyError(f"episode seed must be >= 0, got {seed}")
+        self.close(session_id)  # a retried episode reopens its session from scratch
+        if variant.name not in CACHE_POLICY_NAMES:
+            if self.simple_factory is None:
+                raise PolicyError(f"policy {variant.name!r} is not a Pi0.5 cache policy; expected one of "
+                                  f"{', '.join(CACHE_POLICY_NAMES)}")
+            simple = self.simple_factory(variant)
+            simple.reset(session_id, seed)
+            self._sessions[session_id] = Session(variant, seed, None, DenoiseSettings(), simple=simple)
+            return
+        try:
+            denoise, params = DenoiseSettings.split(variant.param_dict, self.config.num_steps)
+        except ValueError as exc:
+            raise PolicyError(f"policy {variant.label!r}: {exc}") from None
+        policy = make_cache_policy(variant.name, params, self.layout)
+        needs = getattr(policy, "needs", None)
+        evaluations = denoise.num_steps * EVALUATIONS_PER_STEP[denoise.solver]
+        if needs is not None and needs.denoise and not -evaluations <= needs.denoise_eval < evaluations:
+            raise PolicyError(f"policy {variant.label!r}: attention_step {needs.denoise_eval} out of range for "
+                              f"{evaluations} velocity evaluations ({denoise.num_steps} {denoise.solver} steps)")
+        self._sessions[session_id] = Session(variant, int(seed), policy, denoise)
+
+    def close(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        if session.policy is not None:
+            session.policy.reset()  # drop the stored K/V, images and maps now
+        if session.simple is not None:
+            session.simple.end_episode(session_id)
+
+    def sessions(self) -> list[str]:
+        return list(self._sessions)
+
+    def session_bytes(self, session_id: str) -> int:
+        """Memory a session holds (stored K/V, images, maps); 0 for model-free sessions."""
+        session = self._sessions[session_id]
+        return session.policy.nbytes() if session.policy is not None else 0
+
+    def policy(self, session_id: str) -> CachePolicy | None:
+        """The session's cache policy (its state is what the next decisions compare against)."""
+        return self._sessions[session_id].policy
+
+    def describe(self, session_id: str) -> dict[str, Any]:
+        session = self._sessions[session_id]
+        if session.simple is not None:
+            return session.simple.describe()
+        return {"name": session.variant.name, "label": session.variant.label, "model": self.label,
+                **session.variant.param_dict, **dataclasses.asdict(session.denoise)}
+
+    # ---- serving
+
+    def infer_batch(self, requests: list[Request]) -> list[ActionChunk | BaseException]:
+        with torch.inference_mode():
+            return self._infer_batch(requests)
+
+    def _infer_batch(self, requests: list[Request]) -> list[ActionChunk | BaseException]:
+        clock = self._clock
+        t_start = clock()
+        results: list[ActionChunk | BaseException | None] = [None] * len(requests)
+        rows: list[_Row] = []
+        seen: set[str] = set()
+        for position, request in enumerate(requests):
+            try:
+                if request.session_id in seen:  # its frames are sequential: the second waits for the first
+                    raise PolicyError(f"session {request.session_id!r} has two requests in one batch")
+                seen.add(request.session_id)
+                row = self._admit(position, request, results)
+            except Exception as exc:  # one bad request never fails the others
+                results[position] = exc
+                continue
+            if row is not None:
+                rows.append(row)
+        try:
+            self._compute(rows)
+        except Exception as exc:  # a failed model pass fails every request still in flight
+            for row in rows:
+                results[row.position] = exc
+            return results  # type: ignore[return-value]
+        total_ms = (clock() - t_start) * 1e3
+        for row in rows:
+            row.latency["total"] = total_ms
+            self._finish(row)
+        if self.shadow:
+            self._shadow(rows)
+        for row in rows:
+            record = self._record(row)
+            # what the batch was (the Ray policy actor sets the same two fields from its own queue)
+            record.extra["batch_size"] = len(requests)
+            record.extra["queue_wait_ms"] = round(max(0.0, t_start - requests[row.position].enqueued_at) * 1e3, 3)
+            results[row.position] = ActionChunk(row.actions, record)
+            row.session.index += 1
+        return results  # type: ignore[return-value]
+
+    def _admit(self, position: int, request: Request, results: list) -> _Row | None:
+        """Look up the session, preprocess, decide; model-free sessions are answered right here."""
+        session = self._sessions.get(request.session_id)
+        if session is None:
+            raise PolicyError(f"no open session {request.session_id!r}")
+        if session.simple is not None:
+            results[position] = session.simple.infer(request.observation)
+            return None
+        clock = self._clock
+        t0 = clock()
+        inputs, states = self.processor.prepare([request.observation], self.device)
+        frame = Frame(index=session.index, images=inputs.images[0], image_mask=inputs.image_masks[0],
+                      state=states[0].astype(np.float32))
+        t1 = clock()
+        decision = session.policy.decide(frame)
+        t2 = clock()
+        latency = {"preprocess": (t1 - t0) * 1e3, "decide": (t2 - t1) * 1e3, "vision": 0.0, "prefix": 0.0}
+        return _Row(position, session, inputs, frame, decision, latency)
+
+    def _compute(self, rows: list[_Row]) -> None:
+        clock = self._clock
+        # vision for every full and partial row, in one batch
+        vision_rows = [r for r in rows if r.decision.kind != "reuse"]
+        if vision_rows:
+            t0 = clock()
+            prefix = self._embed([r.inputs for r in vision_rows])
+            elapsed = (clock() - t0) * 1e3
+            for j, row in enumerate(vision_rows):
+                row.prefix = _take(prefix, [j])
+                row.latency["vision"] = elapsed
+        # prefix: batched per attention-needs group (full); one by one (partial)
+        full_groups: dict[AttentionNeeds, list[_Row]] = defaultdict(list)
+        for row in rows:
+            if row.decision.kind == "full":
+                full_groups[_prefix_needs(row.decision.needs)].append(row)
+        for needs, group in full_groups.items():
+            self._prefix_pass(group, needs)
+        for row in rows:
+            if row.decision.kind == "partial":
+                self._prefix_pass([row], _prefix_needs(row.decision.needs))
+            elif row.decision.kind == "reuse":
+                row.prefix_kv, row.prefix_mask = row.session.policy.reuse_kv()
+        # denoising for the whole batch, grouped by what the loop computes
+        denoise_groups: dict[tuple, list[_Row]] = defaultdict(list)
+        for row in rows:
+            layers = tuple(sorted(row.decision.needs.denoise_layers))
+            denoise_groups[(row.session.denoise.key, layers)].append(row)
+        for (_, layers), group in denoise_groups.items():
+            self._denoise(group, layers)
+
+    def _prefix_pass(self, group: list[_Row], needs: AttentionNeeds) -> None:
+        clock = self._clock
+        t0 = clock()
+        prefix = _cat_prefix([r.prefix for r in group])
+        stats = None
+        if needs.prefix:
+            stats = PrefixAttentionStats(prefix.pad_mask, self.layout.text_start, needs.prefix_entropy,
+                                         needs.prefix_relevance)
+        plan = group[0].decision.plan  # partial passes come one row at a time
+        prefix_kv = self.model.compute_prefix_kv(prefix, reuse=plan, on_attention=stats,
+                                                 callback_layers=sorted(stats.layers) if stats else False)
+        for j, row in enumerate(group):
+            row.prefix_kv = prefix_kv if len(group) == 1 else prefix_kv.select([j])
+            row.prefix_mask = row.prefix.pad_mask
+            if stats is not None:
+                row.entropy = {layer: float(v[j]) for layer, v in stats.entropy.items()}
+                row.relevance = {layer: v[j] for layer, v in stats.relevance.items()}
+        self._sync()
+        elapsed = (clock() - t0) * 1e3
+        for row in group:
+            row.latency["prefix"] = elapsed
+
+    def _denoise(self, group: list[_Row], layers: tuple[int, ...]) -> None:
+        clock = self._clock
+        t0 = clock()
+        settings = group[0].session.denoise
+        prefix_kv = group[0].prefix_kv if len(group) == 1 else PrefixKV.concat([r.prefix_kv for r in group])
+        mask = torch.cat([r.prefix_mask for r in group])
+        noise = torch.cat([self._noise(r.session, r.session.index) for r in group]).to(self.device)
+        result = self.model.denoise(prefix_kv, mask, noise, settings.num_steps, settings.schedule, settings.solver,
+                                    return_attention=list(layers) if layers else False)
+        actions = self.processor.postprocess(result.actions)  # [B, H, 7]
+        for j, row in enumerate(group):
+            row.actions = actions[j]
+            if layers:
+                maps = result.attention[row.decision.needs.denoise_eval]
+                row.denoise_attention = {layer: maps[layer][j] for layer in layers}
+        self._sync()
+        elapsed = (clock() - t0) * 1e3
+        for row in group:
+            row.latency["denoise"] = elapsed
+
+    def _finish(self, row: _Row) -> None:
+        """Hand the frame's outputs to its policy (after every row of the batch succeeded)."""
+        outputs = FrameOutputs(prefix_kv=row.prefix_kv, prefix_mask=row.prefix_mask, prefix_entropy=row.entropy,
+                               prefix_relevance=row.relevance, denoise_attention=row.denoise_attention)
+        row.session.policy.update(row.frame, row.decision, outputs)
+
+    def _shadow(self, rows: list[_Row]) -> None:
+        """The full path (same noise, same denoising knobs) for every row that did not run it."""
+        clock = self._clock
+        t0 = clock()
+        others = [r for r in rows if r.decision.kind != "full"]
+        reference: dict[int, np.ndarray] = {}
+        if others:
+            prefix = self._embed([r.inputs for r in others])
+            prefix_kv = self.model.compute_prefix_kv(prefix)
+            groups: dict[tuple, list[int]] = defaultdict(list)
+            for j, row in enumerate(others):
+                groups[row.session.denoise.key].append(j)
+            for members in groups.values():
+                settings = others[members[0]].session.denoise
+                noise = torch.cat([self._noise(others[j].session, others[j].session.index) for j in members])
+                result = self.model.denoise(prefix_kv.select(members), prefix.pad_mask[members], noise.to(self.device),
+                                            settings.num_steps, settings.schedule, settings.solver)
+                for j, actions in zip(members, self.processor.postprocess(result.actions), strict=True):
+                    reference[others[j].position] = actions
+        self._sync()
+        elapsed = (clock() - t0) * 1e3
+        exact = {"shadow_cos": 1.0, "shadow_l2": 0.0, "shadow_cos_executed": 1.0, "shadow_l2_executed": 0.0}
+        n = self.executed_steps
+        for row in rows:
+            if row.decision.kind == "full":  # its actions are the full path's, with the same noise
+                row.latency["shadow"], row.shadow = 0.0, dict(exact)
+                continue
+            executed, full = torch.from_numpy(row.actions), torch.from_numpy(reference[row.position])
+            row.latency["shadow"] = elapsed
+            row.shadow = {"shadow_cos": cosine(executed, full), "shadow_l2": l2(executed, full),
+                          "shadow_cos_executed": cosine(executed[:n], full[:n]),
+                          "shadow_l2_executed": l2(executed[:n], full[:n])}
+
+    def _record(self, row: _Row) -> InferenceRecord:
+        d = row.decision
+        signals = {k: float(v) for k, v in d.signals.items()}
+        signals["prefix_skipped"] = self._prefix_skipped(d)
+        signals.update(row.shadow)
+        extra = {**d.extra, "thresholds": dict(d.thresholds), "prompt_tokens": int(row.inputs.token_masks.sum())}
+        latency = {k: round(v, 4) for k, v in row.latency.items()}
+        return InferenceRecord(index=row.session.index, decision=d.kind, reason=d.reason, signals=signals,
+                               latency_ms=latency, extra=extra)
+
+    def _prefix_skipped(self, decision: Decision) -> float:
+        """Fraction of the prefix pass's token-layers not computed: 0 full, 1 reuse, dropped share partial."""
+        if decision.kind == "full":
+            return 0.0
+        if decision.kind == "reuse":
+            return 1.0
+        per_layer = decision.plan.tokens_per_layer(self.layout.num_tokens)
+        return 1.0 - sum(per_layer) / (self.layout.depth * self.layout.num_tokens)
+
+    # ---- helpers
+
+    def _embed(self, inputs: Sequence[Pi05Inputs]) -> Prefix:
+        batch = _cat_inputs(inputs)
+        prefix = self.model.embed_prefix(batch.images, batch.image_masks, batch.tokens, batch.token_masks)
+        self._sync()
+        return prefix
+
+    def _noise(self, session: Session, index: int) -> Tensor:
+        return sample_noise(session.seed, index, (1, self.config.action_horizon, self.config.action_dim))
+
+    def _clock(self) -> float:
+        self._sync()
+        return time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+_PREFIX_TENSORS = ("embeddings", "pad_mask", "ar_mask", "positions")  # the batched fields of a Prefix
+
+
+def _prefix_needs(needs: AttentionNeeds) -> AttentionNeeds:
+    """The part of a decision's needs that changes the prefix pass (the denoise part is grouped later)."""
+    return AttentionNeeds(prefix_entropy=needs.prefix_entropy, prefix_relevance=needs.prefix_relevance)
+
+
+def _cat_inputs(parts: Sequence[Pi05Inputs]) -> Pi05Inputs:
+    if len(parts) == 1:
+        return parts[0]
+    fields = [f.name for f in dataclasses.fields(Pi05Inputs)]
+    return Pi05Inputs(**{name: torch.cat([getattr(p, name) for p in parts]) for name in fields})
+
+
+def _take(prefix: Prefix, rows: list[int]) -> Prefix:
+    """Rows of a batched prefix (copies)."""
+    index = torch.as_tensor(rows, device=prefix.embeddings.device)
+    return Prefix(**{name: getattr(prefix, name).index_select(0, index) for name in _PREFIX_TENSORS},
+                  segments=prefix.segments)
+
+
+def _cat_prefix(parts: Sequence[Prefix]) -> Prefix:
+    if len(parts) == 1:
+        return parts[0]
+    return Prefix(**{name: torch.cat([getattr(p, name) for p in parts]) for name in _PREFIX_TENSORS},
+                  segments=parts[0].segments)

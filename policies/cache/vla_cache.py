@@ -1,0 +1,253 @@
+"""`vla_cache` (seed 000; VLA-Cache, arXiv 2502.02175, repo siyuhsu/vla-cache): token-level K/V reuse.
+
+Compared against the PREVIOUS frame and the running per-layer K/V cache its computation left behind:
+  1. static patches, per camera: cosine similarity of raw 14x14 pixel patches (the 16x16 SigLIP token
+     grid) >= 0.996; at most the 150 most similar;
+  2. task relevance: the previous frame's attention of the text tokens over each camera's tokens at one
+     VLM layer (head-averaged), normalised per camera; the seed keeps static patches with importance
+     < 0.001 (at most 120, least important first); `relevance: top_k` is the repo's rule instead (evict the
+     120 most-attended patches of the camera from the static set);
+  3. layer schedule: per-layer attention entropy of the previous frame (every layer but the last),
+     reuse = 1 - min-max normalised entropy, rises damped by growth factor 0.55;
+  4. reuse, with the repo's semantics: at each pruning layer l the first max(1, int(reuse[l] * n)) of the
+     n reusable tokens are dropped from the hidden states; the dropped set only grows with depth; a dropped
+     token is never recomputed deeper, its K/V there come from the running cache (so they can be several
+     frames old: ages are recorded), and the recomputed tokens attend to the merged K/V. Vision runs in
+     full (the repo's too); the compute saved is proportional to the token-layers dropped.
+Choices beyond seed and repo (the issue's "record any further choice"):
+  * pruning layers default to the repo's [2, 6, 9, 11] of OpenVLA's 32 scaled to the model depth
+    (round(l * depth / 32), at least 1): [1, 3, 5, 6] for Pi0.5's 18; relevance layer likewise from the
+    repo's 15 (8 of 18);
+  * the reusable tokens of all cameras are ordered by ascending importance (least task-relevant dropped
+    first), where the repo drops in token order;
+  * the entropy averages only valid query tokens (padding rows are uniform by the mask), and over the
+    recomputed tokens in a partial pass (the others have no query there); a pruning layer at the last layer
+    takes the last scheduled proportion;
+  * only present cameras' tokens are candidates; text and empty camera slots are always recomputed;
+  * a frame with static patches but none left after the relevance filter is full (`no_reusable_patches`).
+Pi0.5's prefix attention is bidirectional (OpenVLA's is causal): stale tokens influence fresh ones both
+ways, which the shadow deviation makes visible.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from policies.cache.base import (
+    AttentionNeeds,
+    CachePolicy,
+    Decision,
+    Frame,
+    FrameOutputs,
+    PrefixLayout,
+    tensor_bytes,
+)
+from policies.cache.signals import patch_cosine, patch_pixels, reuse_schedule, scaled_layers, static_patches
+from policies.pi05.modeling import PrefixKV, TokenReuse
+
+RELEVANCE_MODES = ("threshold", "top_k")
+REPO_DEPTH = 32  # OpenVLA's Llama-2 layers, the repo's frame of reference
+REPO_PRUNING_LAYERS = [2, 6, 9, 11]
+REPO_RELEVANCE_LAYER = 15
+
+
+def parse_layers(text: str) -> list[int]:
+    """'1,3,5,6' -> [1, 3, 5, 6] ('' -> [])."""
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ValueError(f"pruning_layers must be comma-separated integers like '1,3,5,6', got {text!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class VlaCacheConfig:
+    """Defaults: seed 000's VLACacheManager (0.996, 150, 0.001, 120, 0.55) and the repo's layers."""
+
+    similarity: float = 0.996
+    static_top_k: int = 150  # per camera
+    relevance: str = "threshold"  # threshold (seed 000) | top_k (repo)
+    importance_threshold: float = 0.001
+    relevance_top_k: int = 120  # per camera: kept at most (threshold) / evicted (top_k)
+    relevance_layer: int | None = None  # None: the repo's 15 of 32 scaled to the model depth
+    growth_factor: float = 0.55
+    pruning_layers: str = ""  # '' : the repo's [2, 6, 9, 11] of 32 scaled to the model depth
+    reuse_proportion: float | None = None  # None: the entropy schedule; a number: that proportion everywhere
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.similarity <= 1.0:
+            raise ValueError(f"similarity must be a cosine in [-1, 1], got {self.similarity!r}")
+        for name in ("static_top_k", "relevance_top_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.relevance not in RELEVANCE_MODES:
+            raise ValueError(f"relevance {self.relevance!r}: expected one of {RELEVANCE_MODES}")
+        if not 0.0 <= self.importance_threshold <= 1.0:
+            raise ValueError(f"importance_threshold must be in [0, 1], got {self.importance_threshold!r}")
+        if not 0.0 <= self.growth_factor <= 1.0:
+            raise ValueError(f"growth_factor must be in [0, 1], got {self.growth_factor!r}")
+        if self.reuse_proportion is not None and not 0.0 <= self.reuse_proportion <= 1.0:
+            raise ValueError(f"reuse_proportion must be in [0, 1] or null, got {self.reuse_proportion!r}")
+        if self.relevance_layer is not None and self.relevance_layer < 0:
+            raise ValueError(f"relevance_layer must be >= 0, got {self.relevance_layer!r}")
+        if any(layer < 1 for layer in parse_layers(self.pruning_layers)):
+            raise ValueError(f"pruning_layers must be >= 1 (layer 0 always computes every token), "
+                             f"got {self.pruning_layers!r}")
+
+
+class VlaCachePolicy(CachePolicy):
+    """Reasons: first_frame, no_static_patches, no_reusable_patches (full); static_patches (partial)."""
+
+    name = "vla_cache"
+
+    def __init__(self, layout: PrefixLayout, config: VlaCacheConfig | None = None) -> None:
+        self.config = config = config or VlaCacheConfig()
+        depth = layout.depth
+        self.pruning_layers = (parse_layers(config.pruning_layers)
+                               or scaled_layers(REPO_PRUNING_LAYERS, REPO_DEPTH, depth))
+        bad = [layer for layer in self.pruning_layers if layer >= depth]
+        if bad:
+            raise ValueError(f"pruning_layers {bad} out of range for a model of depth {depth} (valid 1..{depth - 1})")
+        self.relevance_layer = (config.relevance_layer if config.relevance_layer is not None
+                                else scaled_layers([REPO_RELEVANCE_LAYER], REPO_DEPTH, depth)[0])
+        if self.relevance_layer >= depth:
+            raise ValueError(f"relevance_layer {self.relevance_layer} out of range for depth {depth}")
+        self.entropy_layers = list(range(max(1, depth - 1)))  # every layer but the last (the repo's [:-1])
+        self.needs = AttentionNeeds(prefix_entropy=frozenset(self.entropy_layers),
+                                    prefix_relevance=frozenset({self.relevance_layer}))
+        super().__init__(layout)
+
+    def reset(self) -> None:
+        self.prev_images: Tensor | None = None  # [N_cam, 3, S, S]
+        self.prev_block: tuple[int, int] | None = None  # camera slots [start, end) of `prev_pixels`
+        self.prev_pixels: tuple[Tensor, Tensor] | None = None  # `patch_pixels` of those slots
+        self._frame_pixels: tuple[int, tuple[int, int], tuple[Tensor, Tensor]] | None = None  # from `decide`
+        self._buffers: tuple[Tensor, Tensor] | None = None  # pixels of this frame / of the previous one
+        self._scratch: tuple[Tensor, Tensor] | None = None  # products and channel sums
+        self.cache: PrefixKV | None = None  # running per-layer K/V, batch 1
+        self.ages: Tensor | None = None  # [L, Tp] int32: frames since each (layer, token) K/V was computed
+        self.entropy: Tensor | None = None  # [L - 1] of the previous frame
+        self.relevance: Tensor | None = None  # [Tp] text-query attention per key, previous frame
+
+    # ---- decision
+
+    def decide(self, frame: Frame) -> Decision:
+        if self.prev_images is None or self.cache is None or self.relevance is None or self.entropy is None:
+            return Decision("full", "first_frame", needs=self.needs)
+        cams = frame.cameras
+        per_camera = self.layout.tokens_per_camera
+        block = (cams[0], cams[-1] + 1)  # the present slots as one view (LIBERO: 0, 1): no copies per frame
+        pixels = self.block_pixels(frame.images, block)
+        self._frame_pixels = (frame.index, block, pixels)  # kept as the next frame's reference by `update`
+        previous = (self.prev_pixels if self.prev_block == block  # else the camera mask changed: measure again
+                    else patch_pixels(self.prev_images[block[0] : block[1]], self.layout.patch_size))
+        similarity = patch_cosine(pixels, previous, self.layout.patch_size, self._scratch)  # [slots in block, P]
+        rows = similarity[[cam - block[0] for cam in cams]]  # [N_present, P]
+        statics = [static_patches(row, self.config.similarity, self.config.static_top_k) for row in rows]
+        n_vision = len(cams) * per_camera
+        # static_ratio counts every patch above the threshold (before the top-k cap), as the seed's V1 check
+        signals = {"static_ratio": int((rows >= self.config.similarity).sum()) / n_vision}
+        if not any(len(s) for s in statics):
+            return Decision("full", "no_static_patches", signals, needs=self.needs)
+        tokens, importance = self.reusable(cams, statics)
+        signals["reusable_ratio"] = len(tokens) / n_vision
+        if not len(tokens):
+            return Decision("full", "no_reusable_patches", signals, needs=self.needs)
+        ordered = tokens[torch.argsort(importance, stable=True)]  # least task-relevant first
+        plan, dropped = self.plan(ordered)
+        ages = torch.cat([self.ages[layer, ordered[:n]] + 1 for layer, n in enumerate(dropped) if n])
+        extra = {
+            "per_layer_reuse": [n / self.layout.num_tokens for n in dropped],
+            "tokens_per_layer": plan.tokens_per_layer(self.layout.num_tokens),
+            "token_age_mean": float(ages.float().mean()),
+            "token_age_max": int(ages.max()),
+        }
+        return Decision("partial", "static_patches", signals, needs=self.needs, plan=plan, extra=extra)
+
+    def block_pixels(self, images: Tensor, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """`patch_pixels` of the slots `block`, written into whichever of two buffers does not hold the
+        previous frame's pixels (no megabyte allocations per frame)."""
+        x = images[block[0] : block[1]]
+        if self._buffers is None or self._buffers[0].shape != x.shape:
+            self._buffers = (torch.empty_like(x), torch.empty_like(x))
+            self._scratch = (torch.empty_like(x), torch.empty_like(x[:, :1]))
+        held = self.prev_pixels[0] if self.prev_pixels is not None else None
+        free = self._buffers[1] if held is self._buffers[0] else self._buffers[0]
+        return patch_pixels(x, self.layout.patch_size, out=free, scratch=self._scratch)
+
+    def reusable(self, cams: list[int], statics: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Static patches left after the relevance filter, as prefix token indices, with their importance."""
+        tokens, importance = [], []
+        for cam, static in zip(cams, statics, strict=True):
+            start, end = self.layout.camera_tokens(cam)
+            imp = self.relevance[start:end] / (self.relevance[start:end].sum() + 1e-10)  # [256], sums to 1
+            if self.config.relevance == "threshold":
+                keep = static[imp[static] < self.config.importance_threshold]
+                keep = keep[torch.argsort(imp[keep], stable=True)][: self.config.relevance_top_k]
+            else:
+                evicted = torch.argsort(imp, descending=True, stable=True)[: self.config.relevance_top_k]
+                keep = static[~torch.isin(static, evicted)]
+            tokens.append(keep + start)
+            importance.append(imp[keep])
+        return torch.cat(tokens), torch.cat(importance)
+
+    def schedule(self) -> list[float]:
+        """Reuse proportion per layer (the last layer takes the last scheduled value)."""
+        if self.config.reuse_proportion is not None:
+            return [self.config.reuse_proportion] * self.layout.depth
+        proportions = reuse_schedule(self.entropy, self.config.growth_factor).tolist()
+        return proportions + proportions[-1:] * (self.layout.depth - len(proportions))
+
+    def plan(self, ordered: Tensor) -> tuple[TokenReuse, list[int]]:
+        """Tokens each layer recomputes: the first n_l of `ordered` are dropped from layer l on."""
+        proportions = self.schedule()
+        dropped, count = [], 0
+        for layer in range(self.layout.depth):
+            if layer in self.pruning_layers:
+                count = max(count, max(1, int(proportions[layer] * len(ordered))))  # the set only grows
+            dropped.append(min(count, len(ordered)))
+        keep = torch.ones(self.layout.num_tokens, dtype=torch.bool, device=ordered.device)
+        active: list[Tensor | None] = []
+        for layer, n in enumerate(dropped):
+            if n == 0:
+                active.append(None)
+            elif layer and dropped[layer - 1] == n:
+                active.append(active[-1])  # same object: the model keeps its hidden states as they are
+            else:
+                keep[ordered[:n]] = False
+                active.append(keep.nonzero().flatten())
+        return TokenReuse(cache=self.cache, active=tuple(active)), dropped
+
+    # ---- state
+
+    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs) -> None:
+        self.prev_images = frame.images
+        if self._frame_pixels is not None and self._frame_pixels[0] == frame.index:
+            _, self.prev_block, self.prev_pixels = self._frame_pixels
+        else:  # decided without comparing (first frame): measure now for the next frame
+            cams = frame.cameras
+            self.prev_block = (cams[0], cams[-1] + 1)
+            self.prev_pixels = self.block_pixels(frame.images, self.prev_block)
+        self._frame_pixels = None
+        self.cache = outputs.prefix_kv
+        if decision.kind == "partial":
+            ages = self.ages + 1
+            for layer, active in enumerate(decision.plan.active):
+                if active is None:
+                    ages[layer] = 0
+                else:
+                    ages[layer, active] = 0
+            self.ages = ages
+        else:
+            self.ages = torch.zeros(self.layout.depth, self.layout.num_tokens, dtype=torch.int32,
+                                    device=outputs.prefix_kv.keys[0].device)
+        if outputs.prefix_entropy and self.relevance_layer in outputs.prefix_relevance:
+            self.entropy = torch.tensor([outputs.prefix_entropy[layer] for layer in self.entropy_layers])
+            self.relevance = outputs.prefix_relevance[self.relevance_layer].float()
+        else:
+            self.entropy = self.relevance = None  # no maps: the next frame is full again
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.prev_images, *(self._buffers or ()), *(self._scratch or ()), self.cache, self.ages,
+                            self.entropy, self.relevance)

@@ -1,0 +1,102 @@
+"""Exactness of the cached paths against the plain model (bit for bit where exactness is the claim), and
+proof that vla_cache computes fewer tokens per layer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from policies.engine import Request
+from policies.pi05.policy import Pi05Policy
+from tests.cache_helpers import cache_model, engine, moved, processor, run_session, variant
+from tests.pi05_helpers import observation, one_thread  # noqa: F401 (one_thread: autouse fixture)
+
+SEED = 5
+
+
+@pytest.fixture(scope="module")
+def model():
+    return cache_model()
+
+
+def plain_actions(model, observations: list[dict], seed: int = SEED) -> list[np.ndarray]:
+    """The plain model (Pi05Policy: every frame full) on the same observations and episode seed."""
+    policy = Pi05Policy(model, processor(model.config), label="plain")
+    policy.reset("plain", seed)
+    return [policy.infer(obs).actions for obs in observations]
+
+
+def test_baseline_paths_are_the_plain_model_bit_for_bit(model):
+    observations = [moved(observation(0), step) for step in range(4)]  # a scene that changes every frame
+    expected = plain_actions(model, observations)
+    eng = engine(model)
+    for v in [variant("none"), variant("fixed_window", window=1), variant("adaptive", window=3, pixel_mae=0.0)]:
+        chunks = run_session(eng, v, observations, SEED)
+        assert [c.record.decision for c in chunks] == ["full"] * 4, v.label
+        for got, want in zip(chunks, expected, strict=True):
+            assert np.array_equal(got.actions, want), v.label
+
+
+@pytest.mark.parametrize("v", [
+    variant("fixed_window", window=3),
+    variant("adaptive", window=3, pixel_mae=6.5),
+    variant("attention_drift"),
+    variant("vla_cache", relevance="top_k"),
+    variant("fixed_window", "fixed_window_heun_cosine", window=3, solver="heun", schedule="cosine", num_steps=4),
+], ids=lambda v: v.label)
+def test_every_reuse_path_on_a_repeated_observation_equals_the_full_path(model, v):
+    observations = [observation(0)] * 3
+    chunks = run_session(engine(model), v, observations, SEED)
+    assert chunks[0].record.decision == "full" and {c.record.decision for c in chunks[1:]} <= {"reuse", "partial"}
+    params = v.param_dict
+    plain = Pi05Policy(model, processor(model.config), label="plain", num_steps=params.get("num_steps"),
+                       schedule=params.get("schedule", "linear"), solver=params.get("solver", "euler"))
+    plain.reset("plain", SEED)
+    for chunk in chunks:  # same observation and same noise per index: the stale prefix is not stale
+        assert np.array_equal(chunk.actions, plain.infer(observations[0]).actions)
+
+
+def test_vla_cache_with_every_vision_token_reused_equals_the_cached_prefix(model):
+    eng = engine(model)
+    v = variant("vla_cache", relevance="top_k", relevance_top_k=0, static_top_k=256, reuse_proportion=1.0)
+    eng.open("s", v, SEED)
+    obs = observation(0)
+    (first,) = eng.infer_batch([Request("s", obs)])
+    cached = eng.policy("s").cache
+    (second,) = eng.infer_batch([Request("s", obs)])
+    assert (second.record.decision, second.record.reason) == ("partial", "static_patches")
+    assert second.record.extra["tokens_per_layer"][1:] == [784 - 512, 784 - 512]  # every camera token dropped
+    merged = eng.policy("s").cache
+    for layer in range(model.config.vlm.depth):
+        assert torch.equal(merged.keys[layer], cached.keys[layer])
+        assert torch.equal(merged.values[layer], cached.values[layer])
+    assert np.array_equal(second.actions, plain_actions(model, [obs, obs])[1])
+
+
+def test_vla_cache_really_computes_fewer_tokens_per_layer(model):
+    counts: list[int] = []
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, args, out: counts.append(args[0].shape[1]))
+             for layer in model.vlm.layers]
+    try:
+        eng = engine(model)
+        v = variant("vla_cache", relevance="top_k", static_top_k=256, reuse_proportion=0.5)
+        eng.open("s", v, SEED)
+        records = []
+        for step in (0, 0, 1):
+            counts.clear()
+            (chunk,) = eng.infer_batch([Request("s", moved(observation(0), step))])
+            prefix_counts = counts[: model.config.vlm.depth]  # the VLM's q_proj: the prefix pass
+            records.append((chunk.record, prefix_counts))
+    finally:
+        for h in hooks:
+            h.remove()
+    full, partial, moved_frame = records
+    tp = 784
+    assert full[0].decision == "full" and full[1] == [tp, tp, tp]
+    assert partial[0].decision == "partial" and partial[1] == partial[0].extra["tokens_per_layer"]
+    assert partial[1][0] == tp and partial[1][1] < tp and partial[1][2] == partial[1][1]
+    skipped = 1 - sum(partial[1]) / (3 * tp)
+    assert partial[0].signals["prefix_skipped"] == pytest.approx(skipped) and skipped > 0.05
+    # a moving square: its patches are not static, so fewer tokens are dropped than on a still frame
+    assert moved_frame[0].decision == "partial" and moved_frame[1][1] > partial[1][1]
+    assert moved_frame[0].signals["static_ratio"] < partial[0].signals["static_ratio"]

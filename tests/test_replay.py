@@ -1,0 +1,120 @@
+"""`libero-eval replay`: the recorded format, replay through cache policies, the summary schema, the CLI,
+and (slow) recording from a real LIBERO episode."""
+from __future__ import annotations
+
+import argparse
+import json
+import types
+
+import numpy as np
+import pytest
+
+from libero_eval import replay as rp
+from policies.base import IMAGE_KEY, STATE_KEY
+from tests.cache_helpers import cache_model, engine, moved, variant
+from tests.pi05_helpers import observation, one_thread  # noqa: F401 (one_thread: autouse fixture)
+
+SPEC = types.SimpleNamespace(seed=11, key="none/libero_spatial/task00/trial00",
+                             file_stem="none__libero_spatial__task00__trial00")
+
+
+def record(directory, name: str, frames: int, seed: int = 11):
+    recorded = [(5 * t, moved(observation(3), t // 2)) for t in range(frames)]
+    spec = types.SimpleNamespace(seed=seed, key=name)
+    return rp.save_observations(directory / "observations" / f"{name}.npz", spec, recorded), recorded
+
+
+def test_recorded_sequences_round_trip(tmp_path):
+    path, recorded = record(tmp_path, "ep0", 3)
+    seq = rp.load_sequence(path)
+    assert (seq.name, seq.seed, seq.env_steps) == ("ep0", 11, [0, 5, 10])
+    for (_, want), got in zip(recorded, seq.observations, strict=True):
+        assert np.array_equal(got[IMAGE_KEY], want[IMAGE_KEY]) and got[IMAGE_KEY].dtype == np.uint8
+        assert np.array_equal(got[STATE_KEY], want[STATE_KEY]) and got["prompt"] == want["prompt"]
+    files, out = rp.locate(tmp_path)
+    assert files == [path] and out == tmp_path / "replay"
+    assert rp.locate(tmp_path / "observations")[1] == tmp_path / "replay"
+
+
+def test_replay_measures_fidelity_and_signal_distributions(tmp_path):
+    for i in range(2):
+        record(tmp_path, f"ep{i}", 4, seed=20 + i)
+    sequences = [rp.load_sequence(f) for f in rp.locate(tmp_path)[0]]
+    variants = [variant("none"), variant("fixed_window", window=3), variant("adaptive", window=4, pixel_mae=1.0)]
+    records = rp.replay(engine(cache_model(), shadow=True), sequences, variants, max_batch=4)
+    rows = {v.label: rp.summarize_policy(v, records[v.label]) for v in variants}
+    none, window, adaptive = rows["none"], rows["fixed_window"], rows["adaptive"]
+    assert none["frames"] == window["frames"] == 8
+    assert (none["cos_mean"], none["cos_min"], none["l2_mean"], none["reuse_rate"]) == (1.0, 1.0, 0.0, 0.0)
+    assert window["reuse_rate"] == 0.5 and window["compute_skipped"] == 0.5  # frames 2 and 3 of each sequence
+    assert window["cos_min"] <= window["cos_p5"] <= window["cos_mean"] < 1.0 and window["l2_mean"] > 0
+    assert set(adaptive["signals"]) == {"pixel_mae"}
+    p = adaptive["signals"]["pixel_mae"]
+    assert list(p) == ["p50", "p75", "p90", "p95"] and p["p50"] <= p["p75"] <= p["p90"] <= p["p95"]
+    # the square moves every other frame: those frames are forced full by the 1.0 threshold
+    reasons = [r["reason"] for r in records["adaptive"] if r["sequence"] == "ep0"]
+    assert reasons == ["first_frame", "window", "pixel_mae", "window"]
+    assert "fixed_window" in rp.format_table(list(rows.values()))
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    rp.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["replay", *argv])
+
+
+def test_cli_writes_the_summary_schema(tmp_path, capsys):
+    record(tmp_path, "ep0", 3)
+    code = rp.run(parse([str(tmp_path), "--policy", "none", "--policy", "fixed_window:window=2",
+                         "--device", "cpu", "--max-frames", "2"]))
+    assert code == 0
+    summary = json.loads((tmp_path / "replay" / rp.SUMMARY_FILE).read_text())
+    assert set(summary) == {"model", "sequences", "policies"} and summary["sequences"] == 1
+    assert summary["model"]["kind"] == "tiny" and summary["model"]["seed"] == 0
+    assert [p["policy"] for p in summary["policies"]] == ["none", "fixed_window_window2"]
+    for row in summary["policies"]:
+        assert set(row) == {"policy", "name", "frames", "cos_mean", "cos_p5", "cos_min", "l2_mean", "reuse_rate",
+                            "compute_skipped", "signals"}
+        assert row["frames"] == 2
+    assert summary["policies"][1]["reuse_rate"] == 0.5
+    lines = (tmp_path / "replay" / rp.RECORDS_FILE).read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[1])["policy"] == "none"
+    assert "fixed_window_window2" in capsys.readouterr().out
+
+
+def test_cli_defaults_to_the_runs_own_policies_and_model(tmp_path):
+    record(tmp_path, "ep0", 2)
+    (tmp_path / "config.yaml").write_text("policies: [{name: hold}, {name: fixed_window, window: 2}]\n"
+                                          "model: {kind: tiny, seed: 1, device: cpu}\n")
+    assert rp.run(parse([str(tmp_path / "observations"), "--device", "cpu", "--out", str(tmp_path / "r")])) == 0
+    summary = json.loads((tmp_path / "r" / rp.SUMMARY_FILE).read_text())
+    assert [p["policy"] for p in summary["policies"]] == ["fixed_window_window2"]  # hold has no model: skipped
+    assert summary["model"]["seed"] == 1 and summary["policies"][0]["reuse_rate"] == 0.5
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert rp.run(parse([str(tmp_path)])) == 2
+    assert "no recorded sequences (*.npz)" in capsys.readouterr().err
+    record(tmp_path, "ep0", 1)
+    assert rp.run(parse([str(tmp_path), "--policy", "fixed_window:windw=2"])) == 2
+    assert "no parameter 'windw'; valid parameters: num_steps, schedule, solver, window" in capsys.readouterr().err
+    assert rp.run(parse([str(tmp_path), "--policy", "hold"])) == 2
+    assert rp.parse_policy("adaptive:window=3, pixel_mae=6.5") == {"name": "adaptive", "window": 3, "pixel_mae": 6.5}
+
+
+@pytest.mark.slow
+def test_an_episode_records_its_observations_for_replay(spatial_env, tmp_path):
+    from libero_eval.episode import EpisodeSettings, run_episode
+    from libero_eval.specs import EpisodeSpec
+    from policies.simple import HoldPolicy
+
+    spec = EpisodeSpec("libero_spatial", 0, 0, "hold", 12)
+    result = run_episode(spec, spatial_env, HoldPolicy(), EpisodeSettings(video="none", record_observations=True),
+                         run_dir=tmp_path)
+    assert result.status == "failure" and len(result.records) == 3
+    seq = rp.load_sequence(tmp_path / "observations" / f"{spec.file_stem}.npz")
+    assert seq.env_steps == [0, 5, 10] and seq.seed == spec.seed
+    first = seq.observations[0]
+    assert first[IMAGE_KEY].shape == (224, 224, 3) and first[IMAGE_KEY].dtype == np.uint8
+    assert first["prompt"] == spatial_env.task.language and first[STATE_KEY].shape == (8,)
+    assert [p.name for p in (tmp_path / "observations").iterdir()] == [f"{spec.file_stem}.npz"]  # no temp left
