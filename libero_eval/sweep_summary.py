@@ -80,7 +80,7 @@ def _fmt(value, spec, none="-"):
 
 
 def format_table(rows: list[dict[str, Any]], baseline: str | None) -> str:
-    header = (f"{'policy':<28} {'suite':<15} {'success (95% CI)':<22} {'vs ' + (baseline or '-'):<18} "
+    header = (f"{'policy':<32} {'suite':<15} {'success (95% CI)':<22} {'vs ' + (baseline or '-'):<18} "
               f"{'reuse':>6} {'lat ms':>8} {'speedup':>7} {'shadow cos':>10}  full frames by reason")
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -92,7 +92,7 @@ def format_table(rows: list[dict[str, Any]], baseline: str | None) -> str:
             paired = "(baseline)" if r["policy"] == baseline else "-"
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["full_by_reason"].items(), key=lambda kv: -kv[1]))
         lines.append(
-            f"{r['policy']:<28} {r['suite']:<15} {success:<22} {paired:<18} {_fmt(r['reuse_rate'], '6.0%'):>6} "
+            f"{r['policy']:<32} {r['suite']:<15} {success:<22} {paired:<18} {_fmt(r['reuse_rate'], '6.0%'):>6} "
             f"{_fmt(r['latency_ms'], '8.1f'):>8} {_fmt(r['speedup'], '6.2f') + ('x' if r['speedup'] else ''):>7} "
             f"{_fmt(r['shadow_cos_mean'], '10.3f'):>10}  {reasons}"
             + (f"  [{r['errors']} errors]" if r["errors"] else "")
