@@ -26,7 +26,7 @@ def test_teleported_bowl_on_plate_is_a_success(spatial_env):
     result = run_episode(EpisodeSpec("libero_spatial", 0, 0, "scripted", 20), spatial_env, policy,
                          EpisodeSettings(video="none"))
     assert result.status == "success" and result.success and result.reason == "done"
-    assert 1 <= result.steps <= 5  # the bowl settles within a few steps
+    assert 0 < result.steps <= 5  # the bowl settles within a few steps
 
 
 def test_untouched_scene_is_a_failure_at_max_steps(spatial_env):
