@@ -216,9 +216,9 @@ class RolloutWorker:
         result.attempt = attempt
         if result.status == "error" and result.error and result.error.startswith(("PolicyUnavailable", "SessionLost")):
             result.reason = "policy_unavailable"  # the policy actor died or restarted: infrastructure
-        out = result.to_dict()
-        out["_worker"] = {"pid": os.getpid(), "envs_created": self.envs_created}
-        return out
+        result.env_stats["worker_pid"] = os.getpid()
+        result.env_stats["envs_created"] = self.envs_created
+        return result.to_dict()
 
     def close(self) -> None:
         if self.env is not None:

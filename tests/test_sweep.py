@@ -114,6 +114,9 @@ def test_two_worker_smoke_sweep_completes_with_paired_records(tmp_path):
             assert r["decision"] in ("full", "reuse", "partial") and r["latency_ms"]["total"] > 0
             assert r["extra"]["batch_size"] >= 1 and r["extra"]["queue_wait_ms"] >= 0
         assert (tmp_path / "smoke" / l["video"]).exists()
+    # task-affine scheduling: each worker keeps its env (2 tasks, 2 workers: at most one re-creation)
+    assert len({l["env_stats"]["worker_pid"] for l in lines}) == 2
+    assert max(l["env_stats"]["envs_created"] for l in lines) <= 2
     # paired seeds: one seed per (task, trial) whatever the variant
     seeds = {}
     for l in lines:
