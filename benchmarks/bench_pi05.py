@@ -1,8 +1,19 @@
-"""Per-stage latency and FLOPs of Pi0.5 inference (vision, prefix, one denoise step, full denoise, total).
+"""Per-stage latency and FLOPs of Pi0.5 inference (vision, prefix, one denoise step, full denoise, total),
+per execution backend (policies/pi05/backends.py: eager, compile, tensorrt).
 
     python benchmarks/bench_pi05.py                          # tiny on CPU (+ pi05_libero bf16 if a GPU is present)
     python benchmarks/bench_pi05.py --config pi05_libero --device cuda --dtype bfloat16 --batch-sizes 1 4 16
     python benchmarks/bench_pi05.py --checkpoint /ckpt/pi05_libero --device cuda   # real weights
+    python -m benchmarks.bench_pi05 --backends eager compile --batch-sizes 1 4 --threads 1 \
+        --out benchmarks/results/bench_pi05_backends_cpu.json
+    python -m benchmarks.bench_pi05 --config pi05_libero --device cuda --backends eager compile tensorrt \
+        --compile-mode max-autotune --engine-dir engines/pi05_libero
+
+Backends: every row also carries `setup_s` (torch.compile's compilation, CUDA graph capture, engine loading:
+the first calls at that batch size, excluded from the latencies) and `max_abs_diff_vs_eager`, the largest
+|actions - eager actions| on the same inputs and noise, checked against ACTION_TOLERANCE[backend]
+(`within_tolerance`); a backend that cannot run here (tensorrt without the extra or a GPU) is reported
+as skipped with the reason. FLOPs are counted on eager only (the same math on every backend).
 
 Latency: median (and min) over `--repeats` runs after `--warmup` runs, with a device sync before every
 clock read; the inputs are synthetic (2 cameras present + 1 masked, half-full prompt). FLOPs: counted by
@@ -28,6 +39,14 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from policies.pi05.backends import (  # noqa: E402
+    ACTION_TOLERANCE,
+    BACKENDS,
+    COMPILE_MODES,
+    BackendOptions,
+    Pi05Backend,
+    make_backend,
+)
 from policies.pi05.checkpoint import build_model, read_checkpoint_dir  # noqa: E402
 from policies.pi05.configuration import Pi05Config  # noqa: E402
 from policies.pi05.modeling import Pi05Inputs, Pi05Model, count_parameters  # noqa: E402
@@ -49,17 +68,22 @@ def synthetic_inputs(config: Pi05Config, batch: int, device: torch.device | str)
     return inputs, noise.to(device)
 
 
-def stage_functions(model: Pi05Model, inputs: Pi05Inputs, noise: torch.Tensor) -> dict[str, Callable[[], Any]]:
-    """Each stage as a closure over the outputs of the stages before it (computed once here)."""
-    prefix = model.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks)
-    prefix_kv = model.compute_prefix_kv(prefix)
+def stage_functions(stages: Pi05Model | Pi05Backend, inputs: Pi05Inputs,
+                    noise: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """Each stage as a closure over the outputs of the stages before it (computed once here), run by the
+    model itself or by a backend (the same stage API)."""
+    prefix = stages.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks)
+    prefix_kv = stages.compute_prefix_kv(prefix)
     t = torch.tensor(1.0, device=noise.device)
+    model = stages.model if isinstance(stages, Pi05Backend) else stages
+    custom = stages.velocity_predictor(prefix_kv, frozenset()) if isinstance(stages, Pi05Backend) else None
+    predict = custom or model.predict_velocity  # the backend's denoising step, or the model's (eager)
     return {
-        "vision": lambda: model.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks),
-        "prefix": lambda: model.compute_prefix_kv(prefix),
-        "denoise_step": lambda: model.predict_velocity(prefix_kv, prefix.pad_mask, noise, t),
-        "denoise": lambda: model.denoise(prefix_kv, prefix.pad_mask, noise),
-        "total": lambda: model.sample_actions(inputs, noise),
+        "vision": lambda: stages.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks),
+        "prefix": lambda: stages.compute_prefix_kv(prefix),
+        "denoise_step": lambda: predict(prefix_kv, prefix.pad_mask, noise, t, False),
+        "denoise": lambda: stages.denoise(prefix_kv, prefix.pad_mask, noise),
+        "total": lambda: stages.sample_actions(inputs, noise),
     }
 
 
@@ -114,26 +138,57 @@ def random_model(config: Pi05Config, device: torch.device, dtype: torch.dtype) -
     return model.eval()
 
 
-def bench(model: Pi05Model, label: str, batch_sizes: list[int], warmup: int, repeats: int) -> list[dict[str, Any]]:
+def make_backends(model: Pi05Model, names: list[str], compile_mode: str,
+                  engine_dir: str | None) -> tuple[dict[str, Pi05Backend], dict[str, str]]:
+    """The requested backends over `model`, and {name: why skipped} for those that cannot run here."""
+    backends, skipped = {}, {}
+    for name in names:
+        try:
+            options = BackendOptions(backend=name, compile_mode=compile_mode, engine_dir=engine_dir)
+            backends[name] = make_backend(model, options)
+        except (ImportError, RuntimeError, ValueError) as exc:
+            skipped[name] = str(exc)
+            print(f"skip backend {name}: {exc}", flush=True)
+    return backends, skipped
+
+
+def bench(model: Pi05Model, label: str, batch_sizes: list[int], warmup: int, repeats: int,
+          backends: dict[str, Pi05Backend] | None = None) -> list[dict[str, Any]]:
     device = next(model.parameters()).device
     dtype = str(next(model.vlm.parameters()).dtype).removeprefix("torch.")
     params = count_parameters(model)
     unused = model.paligemma_with_expert.gemma_expert.lm_head.weight.numel()
+    backends = backends or {"eager": Pi05Backend(model)}
     runs = []
     for batch in batch_sizes:
         inputs, noise = synthetic_inputs(model.config, batch, device)
-        with torch.inference_mode():
-            fns = stage_functions(model, inputs, noise)
-            flops = count_flops(fns)
-            latency = time_stages(fns, device, warmup, repeats)
-        run = {"config": label, "device": str(device), "dtype": dtype, "batch": batch,
-               "params": params, "params_used": params - unused,
-               "prefix_tokens": model.config.num_prefix_tokens, "num_steps": model.config.num_steps,
-               "latency": latency, "gflop": flops}
-        runs.append(run)
-        cells = "  ".join(f"{latency[s]['median_ms']:10.2f}" for s in STAGES)
-        print(f"{label:>12} {str(device):>6} {dtype:>8} {batch:>5}  {cells}   "
-              + "  ".join(f"{flops[s]:10.3f}" for s in STAGES), flush=True)
+        reference = None
+        for name, backend in backends.items():
+            with torch.inference_mode():
+                setup_before = backend.setup_s
+                start = time.perf_counter()
+                actions = backend.sample_actions(inputs, noise)  # first call: compilation / capture
+                first_call_s = time.perf_counter() - start
+                fns = stage_functions(backend, inputs, noise)
+                flops = count_flops(fns) if name == "eager" else None
+                latency = time_stages(fns, device, warmup, repeats)
+                if reference is None and name == "eager":
+                    reference = actions
+            diff = None if reference is None else float((actions - reference).abs().max())
+            run = {"config": label, "backend": name, "device": str(device), "dtype": dtype, "batch": batch,
+                   "params": params, "params_used": params - unused,
+                   "prefix_tokens": model.config.num_prefix_tokens, "num_steps": model.config.num_steps,
+                   "latency": latency, "gflop": flops, "setup_s": round(backend.setup_s - setup_before, 3),
+                   "first_call_s": round(first_call_s, 3), "max_abs_diff_vs_eager": diff,
+                   "tolerance": ACTION_TOLERANCE[name],
+                   "within_tolerance": None if diff is None else diff <= ACTION_TOLERANCE[name],
+                   "backend_state": backend.describe()}
+            runs.append(run)
+            cells = "  ".join(f"{latency[s]['median_ms']:10.2f}" for s in STAGES)
+            gflop = "  ".join(f"{flops[s]:10.3f}" for s in STAGES) if flops else ""
+            diff_cell = "-" if diff is None else f"{diff:.1e}"
+            print(f"{label:>12} {name:>8} {str(device):>6} {dtype:>8} {batch:>5}  {cells}  {run['setup_s']:8.1f}"
+                  f"  {diff_cell:>9}   {gflop}", flush=True)
     return runs
 
 
@@ -161,22 +216,29 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--backends", nargs="+", default=["eager"], choices=BACKENDS,
+                        help="execution backends to compare (eager is always run first, as the reference)")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    parser.add_argument("--engine-dir", default=None, help="tensorrt: the directory launch/build_engines.py wrote")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    backend_names = ["eager"] + [b for b in args.backends if b != "eager"]
 
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = torch.device(args.device).type == "cuda"
-    header = f"{'config':>12} {'device':>6} {'dtype':>8} {'batch':>5}  "
+    header = f"{'config':>12} {'backend':>8} {'device':>6} {'dtype':>8} {'batch':>5}  "
     header += "  ".join(f"{SHORT[s] + '_ms':>10}" for s in STAGES)
-    header += "   " + "  ".join(f"{SHORT[s] + '_GF':>10}" for s in STAGES)
+    header += f"  {'setup_s':>8}  {'max|d|':>9}   " + "  ".join(f"{SHORT[s] + '_GF':>10}" for s in STAGES)
     print(header)
     runs: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
     if args.checkpoint:
         info = read_checkpoint_dir(args.checkpoint)
         dtype = args.dtype or ("bfloat16" if gpu else "float32")
         model, _ = build_model(info.config, info.weights, device=args.device, dtype=dtype)
-        runs += bench(model, info.config.name, args.batch_sizes, args.warmup, args.repeats)
+        backends, skipped = make_backends(model, backend_names, args.compile_mode, args.engine_dir)
+        runs += bench(model, info.config.name, args.batch_sizes, args.warmup, args.repeats, backends)
     else:
         configs = args.config or (["tiny", "pi05_libero"] if gpu else ["tiny"])
         for name in configs:
@@ -184,8 +246,10 @@ def main() -> None:
             device = torch.device("cpu") if name == "tiny" and args.config is None else torch.device(args.device)
             dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" and name != "tiny" else "float32")
             model = random_model(config, device, getattr(torch, dtype_name))
-            runs += bench(model, name, args.batch_sizes, args.warmup, args.repeats)
-            del model
+            backends, skipped_here = make_backends(model, backend_names, args.compile_mode, args.engine_dir)
+            skipped.update({f"{name}/{k}": v for k, v in skipped_here.items()})
+            runs += bench(model, name, args.batch_sizes, args.warmup, args.repeats, backends)
+            del model, backends
     full_flops = meta_flops(Pi05Config.from_name("pi05_libero"), args.batch_sizes)
     for entry in full_flops:
         print(f"pi05_libero GFLOP at batch {entry['batch']:>2} (meta device): "
@@ -194,7 +258,10 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "settings": {"warmup": args.warmup, "repeats": args.repeats, "batch_sizes": args.batch_sizes},
+        "settings": {"warmup": args.warmup, "repeats": args.repeats, "batch_sizes": args.batch_sizes,
+                     "backends": backend_names, "compile_mode": args.compile_mode, "engine_dir": args.engine_dir},
+        "tolerance": {name: ACTION_TOLERANCE[name] for name in backend_names},
+        "skipped_backends": skipped,
         "runs": runs,
         "pi05_libero_meta_flops": full_flops,
     }

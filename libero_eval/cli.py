@@ -5,6 +5,8 @@ Subcommands:
   sweep   run a YAML-configured sweep (suites/tasks x trials x policy variants) in parallel on Ray
   report  write report.html + summary.md for a run directory (and log it to W&B again with --wandb)
   replay  replay recorded observation sequences through every cache policy: offline fidelity per policy
+  record-demos  record scripted-expert demonstrations (libero_eval/demos.py)
+  train   train a small Pi0.5 on recorded demos (policies/pi05/training.py)
 """
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="policy actions per episode before it counts as a failure (default: the protocol's "
                           + ", ".join(f"{k} {v}" for k, v in MAX_STEPS.items()) + ")")
     run.add_argument("--policy", default="hold", choices=POLICY_NAMES,
-                     help="policy to evaluate (default hold: zero actions, gripper open)")
+                     help="policy to evaluate (default hold: zero actions, gripper open; expert: the scripted "
+                          "pick-and-place oracle on privileged state)")
     run.add_argument("--label", default=None, help="name of this policy variant in results and videos (default: --policy)")
     run.add_argument("--replan-steps", default=5, type=_positive, help="actions executed per policy query (default 5)")
     run.add_argument("--video", default="query", choices=VIDEO_MODES,
@@ -100,9 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--wandb-mode", default=None, choices=("offline", "online"),
                         help="W&B mode for --wandb (default: the sweep config's wandb.mode, offline if disabled)")
 
-    from libero_eval import replay
+    from libero_eval import demos, replay
 
     replay.add_parser(sub)
+    demos.add_parser(sub)
+    from policies.pi05 import training
+
+    training.add_parser(sub)
     return parser
 
 
@@ -324,6 +331,14 @@ def main(argv: list[str] | None = None) -> int:
         return replay.run(args)
     if args.command == "report":
         return cmd_report(args)
+    if args.command == "train":
+        from policies.pi05 import training
+
+        return training.run(args)
+    if args.command == "record-demos":
+        from libero_eval import demos
+
+        return demos.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -35,6 +35,20 @@ class ModelConfig:
     seed: int = 0  # weights seed of the tiny random model
     device: str = "auto"  # auto: cuda if available else cpu
     dtype: str | None = None  # null: the checkpoint's precision (float32 for tiny)
+    # how the policy actor runs the stages (policies/pi05/backends.py; README "GPU backends"):
+    backend: str = "eager"  # eager | compile (torch.compile) | tensorrt (engines from launch/build_engines.py)
+    compile_mode: str = "default"  # torch.compile's mode (reduce-overhead, max-autotune, ...: backends.COMPILE_MODES)
+    cuda_graphs: bool = True  # compile/tensorrt on CUDA: the denoising loop as one CUDA graph per batch shape
+    engine_dir: str | None = None  # tensorrt: the directory launch/build_engines.py wrote
+
+    def __post_init__(self) -> None:
+        # checked here, where the section is built, so a bad backend fails before Ray or a model starts
+        from policies.pi05.backends import BackendOptions
+
+        try:
+            BackendOptions.from_model_section(dataclasses.asdict(self))
+        except ValueError as exc:
+            raise ConfigError(f"model.{exc}") from None
 
 
 @dataclasses.dataclass
@@ -264,8 +278,11 @@ def validate(config: SweepConfig) -> None:
     if config.model.kind not in ("tiny", "checkpoint"):
         raise ConfigError(f"model.kind: expected 'tiny' or 'checkpoint', got {config.model.kind!r}")
     if config.model.kind == "checkpoint":
-        if not config.model.checkpoint or not Path(config.model.checkpoint).is_dir():
-            raise ConfigError(f"model.checkpoint: expected an existing checkpoint directory, got {config.model.checkpoint!r}")
+        path = resolve_checkpoint(config.model.checkpoint)
+        if path is None:
+            raise ConfigError(f"model.checkpoint: expected an existing checkpoint directory (absolute, relative to "
+                              f"the current directory or to the repository), got {config.model.checkpoint!r}")
+        config.model.checkpoint = str(path)  # absolute: Ray actors may run in another directory
     r = config.ray
     if r.num_workers < 1 or r.max_batch < 1 or r.batch_wait_ms < 0 or r.max_retries < 0 or r.cpus_per_worker <= 0:
         raise ConfigError(f"ray: num_workers, max_batch >= 1, batch_wait_ms, max_retries >= 0, cpus_per_worker > 0; got {r}")
@@ -275,8 +292,32 @@ def validate(config: SweepConfig) -> None:
         validate_variant(variant)
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_checkpoint(path: str | None) -> Path | None:
+    """A checkpoint directory as given, else relative to the repository (the shipped small Pi0.5 lives in
+    policies/pi05/assets/); None when neither exists."""
+    if not path:
+        return None
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with the fields added since it was written filled in with their defaults (a sweep
+    made before a new option existed ran with that option's default)."""
+    try:
+        return _build(SweepConfig, stored, "").to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return stored  # a field was removed or renamed: compare as stored, differences get listed
+
+
 def diff_configs(old: dict[str, Any], new: dict[str, Any], sections=RESULT_SECTIONS) -> list[str]:
     """Human-readable differences between two resolved configs, in the sections that change results."""
+    old = with_defaults(old)
     diffs: list[str] = []
 
     def walk(a, b, path):

@@ -94,6 +94,15 @@ def run_episode(
             decision = last_record["decision"]
         writer.append(hud_frame(images, lines, decision))
 
+    video_on = settings.video != "none" and run_dir is not None
+    needs_images = getattr(policy, "needs_images", True)
+    needs_privileged = getattr(policy, "needs_privileged", False)
+
+    def images_at(step: int) -> bool:
+        """Is the observation of policy step `step` rendered? Always for policies that look; for the others
+        only for a query-mode video frame every `replan_steps` steps (image-free policies query each step)."""
+        return needs_images or (video_on and settings.video == "query" and step % settings.replan_steps == 0)
+
     counters_before = dataclasses.replace(env.counters, render_steps=[])
     try:
         try:
@@ -104,14 +113,15 @@ def run_episode(
             init_state = registry.init_state(spec.suite, spec.task_id, spec.trial)
             env.set_render_every_step(settings.video == "every_step")
             env.reset(spec.seed, init_state)
-            env.expect_observation(settings.num_steps_wait)
+            if images_at(0):
+                env.expect_observation(settings.num_steps_wait)
             raw = None
             for _ in range(settings.num_steps_wait):
                 raw, _ = env.step(protocol.DUMMY_ACTION)
         except Exception as exc:
             raise _EpisodeError("env_error", exc) from exc
 
-        if settings.video != "none" and run_dir is not None:
+        if video_on:
             path = unique_path(Path(run_dir) / "videos" / f"{spec.file_stem}.mp4")
             writer = VideoWriter(path, fps=settings.video_fps)
             video_rel = str(path.relative_to(run_dir))
@@ -120,8 +130,12 @@ def run_episode(
         done = False
         while steps < spec.max_steps:
             if not queue:
-                obs = protocol.observation(raw, task.language)
-                if settings.record_observations:
+                try:
+                    privileged = env.privileged() if needs_privileged else None
+                except Exception as exc:
+                    raise _EpisodeError("env_error", exc) from exc
+                obs = protocol.observation(raw, task.language, privileged, images=needs_images)
+                if settings.record_observations and needs_images:
                     recorded.append((steps, obs))
                 try:
                     chunk = policy.infer(obs)
@@ -131,9 +145,10 @@ def run_episode(
                 last_record["env_step"] = steps
                 records.append(last_record)
                 queue.extend(chunk.actions[: settings.replan_steps])
-                if writer is not None and settings.video == "query":
+                if writer is not None and settings.video == "query" and protocol.AGENTVIEW in raw:
                     frame(raw, steps)
-                env.expect_observation(len(queue))
+                if images_at(steps + len(queue)):
+                    env.expect_observation(len(queue))
             action = queue.popleft()
             try:
                 raw, done = env.step(action)

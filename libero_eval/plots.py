@@ -12,7 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 # The HUD's colours (tasks.video), so a timeline and its video read alike.
-DECISION_COLOURS = {"full": "#50c878", "reuse": "#f0b428", "partial": "#5aa0f0"}
+DECISION_COLOURS = {"full": "#50c878", "reuse": "#f0b428", "partial": "#5aa0f0", "expert": "#be78e6"}
 OTHER_COLOUR = "#9a9a9a"
 BASELINE_COLOUR = "#4a4a4a"
 HIGHLIGHT_COLOUR = "#d0403a"

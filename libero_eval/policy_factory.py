@@ -1,6 +1,7 @@
 """Build policies and policy engines from names and parameters (the CLI's and the configs' entry point).
 
-Variant names: `hold` (no model: zero motion, gripper open) and the Pi0.5 cache policies of
+Variant names: `hold` (no model: zero motion, gripper open), `expert` (the scripted pick-and-place oracle
+on privileged state, policies/expert) and the Pi0.5 cache policies of
 `policies/cache/` (`none` = the full path every frame, the paired baseline; `fixed_window`, `adaptive`,
 `attention_drift`, `vla_cache`). Denoising knobs (num_steps, schedule, solver) apply to every Pi0.5 path.
 """
@@ -16,17 +17,18 @@ from policies.engine import Engine, PerSessionEngine, PolicyVariant
 # name -> {parameter: type}; Pi0.5 paths also take DENOISE_PARAMS
 VARIANT_PARAMS: dict[str, dict[str, type]] = {
     "hold": {},
+    "expert": {"gain": float, "vmax": float, "carry_vmax": float, "yaw_gain": float},
     **{name: {**{k: t for k, (t, _) in parameter_types(name).items()}, **DENOISE_PARAMS}
        for name in CACHE_POLICY_NAMES},
 }
 # parameters that accept null (their documented default, e.g. a preset's threshold)
 NULLABLE: dict[str, set[str]] = {name: {k for k, (_, nullable) in parameter_types(name).items() if nullable}
                                  for name in CACHE_POLICY_NAMES}
-MODEL_FREE = {"hold"}
+MODEL_FREE = {"hold", "expert"}
 POLICY_NAMES = tuple(VARIANT_PARAMS)
 
 __all__ = ["MODEL_FREE", "POLICY_NAMES", "VARIANT_PARAMS", "PolicySpecError", "load_pi05", "make_engine",
-           "make_policy", "pi05_engine", "validate_variant"]
+           "make_model_free", "make_policy", "pi05_engine", "policy_inputs", "validate_variant"]
 
 
 class PolicySpecError(ValueError):
@@ -58,6 +60,10 @@ def validate_variant(variant: PolicyVariant) -> None:
             raise PolicySpecError(f"policy {variant.name!r} parameter {key!r}: expected {allowed[key].__name__}, "
                                   f"got {value!r}")
     if variant.name in MODEL_FREE:
+        try:
+            make_model_free(variant)
+        except ValueError as exc:
+            raise PolicySpecError(f"policy {variant.label!r}: {exc}") from None
         return
     try:
         _, params = DenoiseSettings.split(variant.param_dict, default_steps=10)
@@ -66,13 +72,34 @@ def validate_variant(variant: PolicyVariant) -> None:
         raise PolicySpecError(f"policy {variant.label!r}: {exc}") from None
 
 
-def make_policy(name: str, **options: Any) -> Policy:
-    """A single-episode policy for `libero-eval run` (sequential, no engine)."""
-    validate_variant(PolicyVariant.make(name, name, options))
-    if name == "hold":
+def make_model_free(variant: PolicyVariant) -> Policy:
+    """A policy without a model (one per session): hold or the scripted expert."""
+    if variant.name == "hold":
         from policies.simple import HoldPolicy
 
-        return HoldPolicy(**options)
+        return HoldPolicy(**variant.param_dict)
+    if variant.name == "expert":
+        from policies.expert import ExpertPolicy
+
+        return ExpertPolicy(**variant.param_dict)
+    raise PolicySpecError(f"policy {variant.name!r} needs a model")
+
+
+def policy_inputs(name: str) -> tuple[bool, bool]:
+    """(needs_images, needs_privileged) of a variant name: what a rollout worker must build per query."""
+    if name == "hold":
+        return False, False
+    if name == "expert":
+        return False, True
+    return True, False
+
+
+def make_policy(name: str, **options: Any) -> Policy:
+    """A single-episode policy for `libero-eval run` (sequential, no engine)."""
+    variant = PolicyVariant.make(name, name, options)
+    validate_variant(variant)
+    if name in MODEL_FREE:
+        return make_model_free(variant)
     raise PolicySpecError(f"policy {name!r} needs a model: use `libero-eval sweep` with a model section")
 
 
@@ -84,9 +111,7 @@ def make_engine(model: dict[str, Any], variants: list[PolicyVariant], shadow: bo
     for v in variants:
         validate_variant(v)
     if all(v.name in MODEL_FREE for v in variants):
-        from policies.simple import HoldPolicy
-
-        return PerSessionEngine(lambda variant: HoldPolicy())
+        return PerSessionEngine(make_model_free)
     return pi05_engine(model, shadow=shadow, replan_steps=replan_steps)
 
 
@@ -105,9 +130,13 @@ def load_pi05(model: dict[str, Any]):
 
 
 def pi05_engine(model: dict[str, Any], shadow: bool = False, replan_steps: int = 5) -> Engine:
+    """The batched engine over the shared Pi0.5, its stages run by the section's `backend` (eager, compile,
+    tensorrt: policies/pi05/backends.py); a non-eager backend is named in the engine's label."""
     from policies.cache.engine import CachedPi05Engine
-    from policies.simple import HoldPolicy
+    from policies.pi05.backends import BackendOptions, make_backend
 
     base = load_pi05(model)
-    return CachedPi05Engine(base.model, base.processor, shadow=shadow, simple_factory=lambda variant: HoldPolicy(),
-                            label=base.label, executed_steps=replan_steps)
+    backend = make_backend(base.model, BackendOptions.from_model_section(model))
+    label = base.label if backend.name == "eager" else f"{base.label}@{backend.name}"
+    return CachedPi05Engine(base.model, base.processor, shadow=shadow, simple_factory=make_model_free,
+                            label=label, executed_steps=replan_steps, backend=backend)

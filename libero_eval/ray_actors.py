@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from policies.base import ActionChunk, Policy
+from libero_eval.policy_factory import policy_inputs
 from policies.engine import PolicyVariant, Request
 
 log = logging.getLogger("libero_eval")
@@ -148,6 +149,7 @@ class RemotePolicy(Policy):
         self.actor = actor
         self.label = variant_label
         self.name = description.get("name", variant_label)
+        self.needs_images, self.needs_privileged = policy_inputs(self.name)
         self._description = description
         self._session: str | None = None
 

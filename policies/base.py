@@ -68,6 +68,10 @@ class Policy(abc.ABC):
     """
 
     name: str = "policy"
+    # What the episode loop must build for this policy: camera images cost renders (skipped when False);
+    # the privileged simulator state is only for oracles (tasks.privileged).
+    needs_images: bool = True
+    needs_privileged: bool = False
 
     @abc.abstractmethod
     def reset(self, episode_id: str, seed: int) -> None: ...

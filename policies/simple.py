@@ -12,6 +12,7 @@ class HoldPolicy(Policy):
     """Holds still with the gripper open: zero delta pose, gripper -1. Succeeds only if the scene does."""
 
     name = "hold"
+    needs_images = False
 
     def __init__(self, horizon: int = 10):
         if horizon < 1:

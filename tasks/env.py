@@ -227,6 +227,22 @@ class LiberoEnv:
     def get_sim_state(self) -> np.ndarray:
         return self._env.get_sim_state()
 
+    def observe_state(self, state: np.ndarray) -> dict[str, Any]:
+        """Set a flattened sim state (from `get_sim_state`) and return the raw observation with both cameras
+        rendered from it: the images the closed loop saw at that state (demo re-rendering)."""
+        self._in_reset, self._reset_live = True, True
+        try:
+            raw = self._env.regenerate_obs_from_state(np.asarray(state))
+        finally:
+            self._in_reset, self._reset_live = False, False
+        return self._filter_obs(raw, all(self._last_render_ok[c] for c in CAMERAS))
+
+    def privileged(self) -> dict[str, Any]:
+        """Goal, object boxes and gripper pose for oracle policies (see tasks.privileged)."""
+        from tasks.privileged import privileged_state
+
+        return privileged_state(self._robosuite)
+
     # -- internals ---------------------------------------------------------------------------------
 
     def _wrap_cameras(self) -> None:

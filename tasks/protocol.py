@@ -74,8 +74,15 @@ def model_image(raw_image: np.ndarray, size: int = MODEL_IMAGE_SIZE) -> np.ndarr
     return resize_with_pad(rotate_180(raw_image), size, size)
 
 
-def observation(raw_obs: dict[str, Any], prompt: str, privileged: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The observation dict a policy receives (keys: see policies/base.py)."""
+def observation(raw_obs: dict[str, Any], prompt: str, privileged: dict[str, Any] | None = None,
+                images: bool = True) -> dict[str, Any]:
+    """The observation dict a policy receives (keys: see policies/base.py); `images=False` leaves the
+    camera images out (policies that never read them: no render needed)."""
+    if not images:
+        obs = {STATE_KEY: state_vector(raw_obs), PROMPT_KEY: str(prompt)}
+        if privileged is not None:
+            obs[PRIVILEGED_KEY] = privileged
+        return obs
     if AGENTVIEW not in raw_obs or WRIST not in raw_obs:
         raise KeyError(
             "camera images missing from this step's observation: with lazy rendering, images exist only on "

@@ -12,6 +12,7 @@ _DECISION_COLOURS = {
     "full": (80, 200, 120),
     "reuse": (240, 180, 40),
     "partial": (90, 160, 240),
+    "expert": (190, 120, 230),
 }
 
 

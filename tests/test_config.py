@@ -15,7 +15,7 @@ def test_smoke_config_plans_2_tasks_x_2_trials_x_3_variants():
     assert labels == ["none", "fixed_window_window2", "adaptive_pixel_mae6.5_window3"]
     specs = plan_episodes(config)
     assert len(specs) == 12 and len({s.key for s in specs}) == 12
-    assert {s.max_steps for s in specs} == {20}
+    assert {s.max_steps for s in specs} == {220}  # the full protocol
     # paired seeds: the same (suite, task, trial) has the same seed under every variant
     by_pair = {}
     for s in specs:
@@ -28,7 +28,8 @@ def test_every_shipped_config_validates(name, tmp_path):
     import yaml
 
     raw = yaml.safe_load((CONFIGS / name).read_text())
-    if raw.get("model", {}).get("kind") == "checkpoint":  # the per-suite configs take the checkpoint on the CLI
+    model = raw.get("model", {})
+    if model.get("kind") == "checkpoint" and not model.get("checkpoint"):  # per-suite configs: checkpoint on the CLI
         with pytest.raises(ValueError, match="model.checkpoint: expected an existing checkpoint directory"):
             load_config(CONFIGS / name)
         config = load_config(CONFIGS / name, [f"model.checkpoint={tmp_path}"])
@@ -82,7 +83,16 @@ def test_malformed_yaml_is_a_clear_error(tmp_path):
 def test_diff_configs_names_what_differs_in_result_sections_only():
     a = load_config(CONFIGS / "smoke.yaml").to_dict()
     b = load_config(CONFIGS / "smoke.yaml", ["max_steps=30", "ray.num_workers=1"]).to_dict()
-    assert diff_configs(a, b) == ["max_steps: stored 20, now 30"]
+    assert diff_configs(a, b) == ["max_steps: stored None, now 30"]
+
+
+def test_a_stored_config_from_before_a_new_option_still_resumes():
+    """Options added later (e.g. model.backend) count as their default in a config stored without them."""
+    new = load_config(CONFIGS / "smoke.yaml").to_dict()
+    old = {**new, "model": {k: v for k, v in new["model"].items() if k not in ("backend", "compile_mode")}}
+    assert diff_configs(old, new) == []
+    changed = load_config(CONFIGS / "smoke.yaml", ["model.backend=compile"]).to_dict()
+    assert diff_configs(old, changed) == ["model.backend: stored 'eager', now 'compile'"]
 
 
 def test_cli_sweep_rejects_bad_config_before_ray(capsys, monkeypatch):

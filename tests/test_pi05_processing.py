@@ -145,9 +145,25 @@ def test_images_become_float_chw_in_minus_one_one():
     out = image_to_model(image, IMAGE_KEY, 224)
     assert out.shape == (3, 224, 224) and out.dtype == np.float32
     assert out[:, 0, 0].tolist() == pytest.approx([1.0, -1.0, 128 / 255 * 2 - 1], abs=1e-6)
-    expected = r"'observation/image' must be uint8 \[224, 224, 3\].*got uint8 \[256, 256, 3\]"
+    expected = r"'observation/image' must be uint8 \[224, 224, 3\].*got float32 \[224, 224, 3\]"
     with pytest.raises(PolicyError, match=expected):
-        image_to_model(np.zeros((256, 256, 3), np.uint8), IMAGE_KEY, 224)
+        image_to_model(np.zeros((224, 224, 3), np.float32), IMAGE_KEY, 224)
+    with pytest.raises(PolicyError, match=r"got uint8 \[224, 224, 4\]"):
+        image_to_model(np.zeros((224, 224, 4), np.uint8), IMAGE_KEY, 224)
+
+
+def test_other_image_sizes_are_fitted_with_resize_with_pad():
+    """The protocol's 224 px reach a 112 px model (the shipped small Pi0.5) through openpi's resize_with_pad."""
+    from tasks.protocol import resize_with_pad
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)
+    out = image_to_model(image, IMAGE_KEY, 112)
+    assert out.shape == (3, 112, 112)
+    expected = resize_with_pad(image, 112, 112).astype(np.float32) / 255 * 2 - 1
+    np.testing.assert_array_equal(out, expected.transpose(2, 0, 1))
+    wide = image_to_model(rng.integers(0, 255, (100, 200, 3), dtype=np.uint8), IMAGE_KEY, 112)
+    assert (wide[:, :28] == -1).all() and (wide[:, -28:] == -1).all()  # letterboxed: black bars
 
 
 def test_processor_builds_the_libero_inputs(tokenizer_file):

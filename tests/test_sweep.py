@@ -99,7 +99,8 @@ def test_interrupted_driver_resumes_without_duplicates_and_refuses_other_configs
 
 
 def test_two_worker_smoke_sweep_completes_with_paired_records(tmp_path):
-    """The demo's config (tiny Pi0.5, 2 tasks x 2 trials x 3 variants), capped at 10 steps, on 2 workers."""
+    """The demo's config (the shipped small Pi0.5, 2 tasks x 2 trials x 3 variants), capped at 10 steps, on 2
+    workers."""
     from libero_eval.sweep_summary import pick_baseline, policy_rows
 
     config = load_config(CONFIGS / "smoke.yaml", ["max_steps=10"])

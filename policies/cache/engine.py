@@ -36,6 +36,7 @@ from policies.cache import CACHE_POLICY_NAMES, make_cache_policy
 from policies.cache.base import AttentionNeeds, CachePolicy, Decision, Frame, FrameOutputs, PrefixLayout
 from policies.cache.signals import PrefixAttentionStats, cosine, l2
 from policies.engine import Engine, PolicyVariant, Request
+from policies.pi05.backends import Pi05Backend
 from policies.pi05.configuration import SCHEDULES, SOLVERS
 from policies.pi05.modeling import Pi05Inputs, Pi05Model, Prefix, PrefixKV
 from policies.pi05.policy import sample_noise
@@ -116,8 +117,11 @@ class CachedPi05Engine(Engine):
         executed_steps: int = EXECUTED_STEPS,
         simple_factory: Callable[[PolicyVariant], Policy] | None = None,
         label: str = "pi05",
+        backend: Pi05Backend | None = None,
     ) -> None:
         self.model = model.eval()
+        # every stage runs through the backend (eager: the model's own methods; compile; tensorrt)
+        self.stages = backend if backend is not None else Pi05Backend(model)
         self.processor = processor
         self.config = model.config
         self.layout = PrefixLayout.from_config(model.config)
@@ -285,8 +289,8 @@ class CachedPi05Engine(Engine):
             stats = PrefixAttentionStats(prefix.pad_mask, self.layout.text_start, needs.prefix_entropy,
                                          needs.prefix_relevance)
         plan = group[0].decision.plan  # partial passes come one row at a time
-        prefix_kv = self.model.compute_prefix_kv(prefix, reuse=plan, on_attention=stats,
-                                                 callback_layers=sorted(stats.layers) if stats else False)
+        prefix_kv = self.stages.compute_prefix_kv(prefix, reuse=plan, on_attention=stats,
+                                                  callback_layers=sorted(stats.layers) if stats else False)
         for j, row in enumerate(group):
             row.prefix_kv = prefix_kv if len(group) == 1 else prefix_kv.select([j])
             row.prefix_mask = row.prefix.pad_mask
@@ -305,8 +309,8 @@ class CachedPi05Engine(Engine):
         prefix_kv = group[0].prefix_kv if len(group) == 1 else PrefixKV.concat([r.prefix_kv for r in group])
         mask = torch.cat([r.prefix_mask for r in group])
         noise = torch.cat([self._noise(r.session, r.session.index) for r in group]).to(self.device)
-        result = self.model.denoise(prefix_kv, mask, noise, settings.num_steps, settings.schedule, settings.solver,
-                                    return_attention=list(layers) if layers else False)
+        result = self.stages.denoise(prefix_kv, mask, noise, settings.num_steps, settings.schedule, settings.solver,
+                                     return_attention=list(layers) if layers else False)
         actions = self.processor.postprocess(result.actions)  # [B, H, 7]
         for j, row in enumerate(group):
             row.actions = actions[j]
@@ -332,15 +336,15 @@ class CachedPi05Engine(Engine):
         reference: dict[int, np.ndarray] = {}
         if others:
             prefix = self._embed([r.inputs for r in others])
-            prefix_kv = self.model.compute_prefix_kv(prefix)
+            prefix_kv = self.stages.compute_prefix_kv(prefix)
             groups: dict[tuple, list[int]] = defaultdict(list)
             for j, row in enumerate(others):
                 groups[row.session.denoise.key].append(j)
             for members in groups.values():
                 settings = others[members[0]].session.denoise
                 noise = torch.cat([self._noise(others[j].session, others[j].session.index) for j in members])
-                result = self.model.denoise(prefix_kv.select(members), prefix.pad_mask[members], noise.to(self.device),
-                                            settings.num_steps, settings.schedule, settings.solver)
+                result = self.stages.denoise(prefix_kv.select(members), prefix.pad_mask[members], noise.to(self.device),
+                                             settings.num_steps, settings.schedule, settings.solver)
                 for j, actions in zip(members, self.processor.postprocess(result.actions), strict=True):
                     reference[others[j].position] = actions
         self._sync()
@@ -380,7 +384,7 @@ class CachedPi05Engine(Engine):
 
     def _embed(self, inputs: Sequence[Pi05Inputs]) -> Prefix:
         batch = _cat_inputs(inputs)
-        prefix = self.model.embed_prefix(batch.images, batch.image_masks, batch.tokens, batch.token_masks)
+        prefix = self.stages.embed_prefix(batch.images, batch.image_masks, batch.tokens, batch.token_masks)
         self._sync()
         return prefix
 

@@ -3,8 +3,9 @@
 Presets (see `reference/pi05_spec.md` section A):
   * `pi05_libero`: the public openpi LIBERO fine-tune (SigLIP So400m/14, Gemma-2B, Gemma-300M action expert,
     action_horizon 10, max_token_len 200, state not in the prompt).
-  * `tiny`: the same structure with small widths and depths, for CPU tests and the embedded demo. Its
+  * `tiny`: the same structure with small widths and depths, for CPU tests and the random-weights demo. Its
     vocabulary is the one of the tiny sentencepiece model shipped in `policies/pi05/assets/`.
+  * `small`: the trainable-on-CPU size of the shipped trained checkpoint (`libero-eval train`).
 """
 from __future__ import annotations
 
@@ -176,4 +177,23 @@ def tiny() -> Pi05Config:
     )
 
 
-PRESETS: dict[str, Pi05Config] = {"pi05_libero": pi05_libero(), "tiny": tiny()}
+def small() -> Pi05Config:
+    """The architecture of the shipped trained small Pi0.5 (`libero-eval train`): pi05_libero's structure
+    (SigLIP ViT, multi-query Gemma experts with equal head_dim, adaRMS action expert, flow matching) at
+    widths that train on a 2-core CPU: 112 px images in 16 px patches (7 x 7 = 49 tokens per camera), two
+    camera slots (agentview, wrist: no padded third slot), the state in the prompt (LeRobot's format) so
+    proprioception reaches the model; 2.35 M parameters (9.4 MB in float32)."""
+    return Pi05Config(
+        name="small",
+        vision=SiglipConfig(width=128, depth=2, num_heads=4, mlp_dim=256, patch_size=16, image_size=112),
+        vlm=GemmaConfig(width=128, depth=4, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=32),
+        action_expert=GemmaConfig(width=96, depth=4, mlp_dim=384, num_heads=4, num_kv_heads=1, head_dim=32),
+        vocab_size=TINY_VOCAB_SIZE,
+        action_horizon=10,
+        max_token_len=64,
+        discrete_state_input=True,
+        num_cameras=2,
+    )
+
+
+PRESETS: dict[str, Pi05Config] = {"pi05_libero": pi05_libero(), "tiny": tiny(), "small": small()}

@@ -43,6 +43,8 @@ FLOAT32_PARAM_SELECTORS = (
 AttentionLayers = bool | Sequence[int]
 # (layer, probs [B, H, Q, Tp] float32, query token indices [Q] or None = all) -> None
 AttentionCallback = Callable[[int, Tensor, Tensor | None], None]
+# (prefix_kv, prefix_mask [B, Tp], x_t [B, H, A], t [] float32, return_attention) -> (v_t [B, H, A], maps or None)
+VelocityPredictor = Callable[..., tuple[Tensor, tuple[Tensor | None, ...] | None]]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -594,8 +596,20 @@ class Pi05Model(nn.Module):
         emb = self.vlm.embed_tokens(tokens)
         return emb * torch.tensor(self.config.vlm.width**0.5, dtype=emb.dtype)
 
-    def embed_prefix(self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor) -> Prefix:
-        """openpi `embed_prefix`: [camera 0 tokens, camera 1 tokens, ..., text tokens], bidirectional."""
+    def embed_prefix(
+        self,
+        images: Tensor,
+        image_masks: Tensor,
+        tokens: Tensor,
+        token_masks: Tensor,
+        *,
+        encode_images: Callable[[Tensor], Tensor] | None = None,
+    ) -> Prefix:
+        """openpi `embed_prefix`: [camera 0 tokens, camera 1 tokens, ..., text tokens], bidirectional.
+
+        encode_images: a replacement for `embed_images` with its signature (a compiled or TensorRT vision
+        tower, policies/pi05/backends.py); the text embedding and the assembly stay here.
+        """
         # images: [B, N, 3, S, S]; image_masks: [B, N] bool; tokens, token_masks: [B, L]
         b, n = images.shape[:2]
         if n != self.config.num_cameras:
@@ -608,7 +622,7 @@ class Pi05Model(nn.Module):
             raise ValueError(
                 f"tokens {tuple(tokens.shape)} / token_masks {tuple(token_masks.shape)} mismatch, batch {b}"
             )
-        image_tokens = self.embed_images(images)  # [B, N, P, W]
+        image_tokens = (encode_images or self.embed_images)(images)  # [B, N, P, W]
         text = self.embed_tokens(tokens)
         dtype = self.vlm.compute_dtype
         p = image_tokens.shape[2]
@@ -763,8 +777,14 @@ class Pi05Model(nn.Module):
         schedule: str = "linear",
         solver: str = "euler",
         return_attention: AttentionLayers = False,
+        *,
+        predict_velocity: VelocityPredictor | None = None,
     ) -> DenoiseResult:
-        """Flow matching from t = 1 (noise) to t = 0; euler + linear is openpi's sampler bit for bit."""
+        """Flow matching from t = 1 (noise) to t = 0; euler + linear is openpi's sampler bit for bit.
+
+        predict_velocity: a replacement for `self.predict_velocity` with its signature (a compiled or
+        TensorRT denoising step, policies/pi05/backends.py); the sampler loop stays here.
+        """
         # prefix_mask: [B, Tp] bool; noise: [B, H, A] float32 -> actions [B, H, A] float32 (action_out_proj dtype)
         expected = (prefix_kv.batch_size, self.config.action_horizon, self.config.action_dim)
         if tuple(noise.shape) != expected:
@@ -772,9 +792,12 @@ class Pi05Model(nn.Module):
         num_steps = self.config.num_steps if num_steps is None else num_steps
         times: list[float] = []
         maps: list[tuple[Tensor | None, ...]] = []
+        predict = predict_velocity or self.predict_velocity
 
         def velocity(x_t: Tensor, t: Tensor) -> Tensor:
-            v_t, attn = self.predict_velocity(prefix_kv, prefix_mask, x_t, t.to(x_t.device), return_attention)
+            # a fill on the device rather than a host-to-device copy: the loop stays capturable as a CUDA graph
+            t_device = torch.full((), float(t), dtype=torch.float32, device=x_t.device)
+            v_t, attn = predict(prefix_kv, prefix_mask, x_t, t_device, return_attention)
             times.append(float(t))
             if attn is not None:
                 maps.append(attn)

@@ -287,9 +287,22 @@ def find_tokenizer(directory: str | Path) -> Path:
 # Images
 
 
-def image_to_model(image: Any, key: str, size: int) -> np.ndarray:
-    """uint8 [S, S, 3] -> float32 [3, S, S] in [-1, 1] (openpi `Observation.from_dict`)."""
+def fit_image(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [h, w, 3] -> uint8 [size, size, 3] with openpi's `resize_with_pad` (PIL bilinear, aspect kept,
+    black padding; tasks.protocol's implementation). The protocol's 224 px images reach a model with a
+    smaller vision input (the shipped small Pi0.5 takes 112 px) through here; demos are stored through it."""
     image = np.asarray(image)
+    if image.shape[:2] == (size, size) or image.dtype != np.uint8 or image.ndim != 3:
+        return image
+    from tasks.protocol import resize_with_pad
+
+    return resize_with_pad(image, size, size)
+
+
+def image_to_model(image: Any, key: str, size: int) -> np.ndarray:
+    """uint8 [S, S, 3] -> float32 [3, S, S] in [-1, 1] (openpi `Observation.from_dict`); other square or
+    rectangular uint8 sizes are first fitted to S (`fit_image`)."""
+    image = fit_image(np.asarray(image), size)
     if image.dtype != np.uint8 or image.shape != (size, size, 3):
         raise PolicyError(
             f"{key!r} must be uint8 [{size}, {size}, 3] (rotated and resized by the task side), "

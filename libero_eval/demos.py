@@ -1,0 +1,375 @@
+"""Record demonstrations of the scripted expert: `libero-eval record-demos`.
+
+Two passes per episode, so only kept episodes pay for rendering:
+  1. the expert runs on a camera-less env (robosuite ControlEnv: no renderer, ~15 ms per step) from the
+     protocol's start (init state k + 10 settle steps), recording actions and flattened sim states;
+  2. for successful episodes, the actions are replayed on a rendering LiberoEnv (lazy rendering: cameras
+     render only every `every` steps), so the stored observations are exactly the closed loop's: the
+     protocol's processing (rotate 180, 224 px), then `fit_image` to the model's size.
+
+On-disk format (documented in README "Demonstrations"):
+  <out>/dataset.json            recording settings (image_size, every, held-out trials, tasks); a resumed
+                                recording must use the same ones
+  <out>/manifest.jsonl          one line per finished episode (kept or not): suite, task_id, trial, split
+                                ("train" | "held_out" by init-state index), success, steps, frames, file,
+                                replay_drift (max abs sim-state difference of the rendering replay: 0)
+  <out>/<suite>/task<NN>/trial<NN>.npz, kept episodes only:
+      actions       float32 [T, 7]     the expert's actions after the settle steps
+      sim_states    float64 [T + 1, D] flattened MuJoCo state before each action (and the final one)
+      frame_steps   int32   [F]        step t of each rendered observation (the state before action t)
+      images        uint8   [F, S, S, 3] agentview, protocol-processed, fitted to S = image_size
+      wrist_images  uint8   [F, S, S, 3] eye-in-hand, same processing
+      states        float32 [F, 8]     the protocol's state vector at those steps
+      prompt        str                the task's language instruction
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+logger = logging.getLogger("libero_eval.demos")
+
+DATASET_FILE = "dataset.json"
+MANIFEST_FILE = "manifest.jsonl"
+
+
+class DemoError(ValueError):
+    """Bad recording arguments, or a resume with settings that differ from the recorded ones."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    tasks: dict[str, list[int]]  # suite -> task ids
+    trials: list[int]  # init-state indices recorded per task
+    held_out: list[int]  # init-state indices kept out of training (split "held_out")
+    image_size: int = 112
+    every: int = 1  # render an observation every `every` steps
+    max_steps: int | None = None  # None: the protocol's max steps per suite
+
+    def __post_init__(self) -> None:
+        from tasks import registry
+
+        for suite, ids in self.tasks.items():
+            for task_id in ids:
+                registry.check_task(suite, task_id)
+            for trial in self.trials:
+                registry.check_trial(suite, ids[0] if ids else 0, trial)
+        if self.image_size < 8:
+            raise DemoError(f"image_size must be >= 8, got {self.image_size}")
+        if self.every < 1:
+            raise DemoError(f"every must be >= 1, got {self.every}")
+        stray = sorted(set(self.held_out) - set(self.trials))
+        if stray:
+            raise DemoError(f"held-out trials {stray} are not among the recorded trials {self.trials}")
+
+    def split(self, trial: int) -> str:
+        return "held_out" if trial in self.held_out else "train"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def episode_file(suite: str, task_id: int, trial: int) -> str:
+    return f"{suite}/task{task_id:02d}/trial{trial:02d}.npz"
+
+
+def read_manifest(out: str | Path) -> list[dict[str, Any]]:
+    path = Path(out) / MANIFEST_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line from an interrupted run: that episode reruns
+                logger.warning("skipping a torn manifest line in %s", path)
+    return rows
+
+
+def _prepare_out(out: Path, settings: DemoSettings) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / DATASET_FILE
+    wanted = settings.to_dict()
+    if path.is_file():
+        have = json.loads(path.read_text())
+        diffs = [f"{k}: recorded {have.get(k)!r}, now {wanted[k]!r}" for k in ("image_size", "every", "max_steps")
+                 if have.get(k) != wanted[k]]
+        if diffs:
+            raise DemoError(f"{out} holds demos recorded with other settings ({'; '.join(diffs)}); "
+                            "use another --out or the same settings")
+        # more tasks or trials may be added to an existing dataset; held-out stays a function of the trial
+        merged = {**have, "tasks": {**have["tasks"], **{s: sorted(set(have["tasks"].get(s, [])) | set(ids))
+                                                        for s, ids in wanted["tasks"].items()}},
+                  "trials": sorted(set(have["trials"]) | set(wanted["trials"])),
+                  "held_out": sorted(set(have["held_out"]) | set(wanted["held_out"]))}
+        path.write_text(json.dumps(merged, indent=2))
+    else:
+        path.write_text(json.dumps(wanted, indent=2))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Worker side (one process per chunk of trials of one task: its own envs, its own EGL context)
+
+
+def _expert_pass(env, policy, init_state: np.ndarray, max_steps: int) -> tuple[bool, np.ndarray, np.ndarray]:
+    """-> (success, actions [T, 7], sim states [T + 1, D]) from the protocol's start."""
+    from tasks import protocol
+    from tasks.privileged import privileged_state
+
+    env.reset()
+    env.set_init_state(init_state)
+    for _ in range(protocol.NUM_STEPS_WAIT):
+        env.step(protocol.DUMMY_ACTION)
+    states, actions = [env.get_sim_state().copy()], []
+    done = False
+    for _ in range(max_steps):
+        chunk = policy.infer({"privileged": privileged_state(env.env)})
+        action = chunk.actions[0].astype(np.float64)
+        _, _, done, _ = env.step(action)
+        actions.append(action.astype(np.float32))
+        states.append(env.get_sim_state().copy())
+        if done:
+            break
+    return bool(done), np.asarray(actions, dtype=np.float32), np.asarray(states)
+
+
+def _render_pass(env, seed: int, init_state: np.ndarray, actions: np.ndarray, sim_states: np.ndarray, every: int,
+                 size: int) -> tuple[dict[str, np.ndarray], float]:
+    """Replay the episode on a rendering LiberoEnv, rendering (lazily) only the steps that become frames.
+
+    Replay rather than setting saved states: robosuite renders a step's images at its last physics substep,
+    before MuJoCo's kinematics catch up with the integrated state, so an image rendered from a restored
+    state differs from the closed loop's by a 2 ms motion (up to ~20 levels on moving edges). Replaying the
+    actions is deterministic (the replayed states match the expert pass exactly; returned as `drift`).
+    """
+    from policies.pi05.processing import fit_image
+    from tasks import protocol
+
+    steps = np.arange(0, len(actions), every, dtype=np.int32)
+    wanted = set(int(t) for t in steps)
+    env.reset(seed, init_state)
+    env.expect_observation(protocol.NUM_STEPS_WAIT)
+    raw = None
+    for _ in range(protocol.NUM_STEPS_WAIT):
+        raw, _ = env.step(protocol.DUMMY_ACTION)
+    images, wrist, states = [], [], []
+    drift = 0.0
+    for t in range(len(actions)):
+        if t in wanted:
+            images.append(fit_image(protocol.model_image(raw[protocol.AGENTVIEW]), size))
+            wrist.append(fit_image(protocol.model_image(raw[protocol.WRIST]), size))
+            states.append(protocol.state_vector(raw))
+            drift = max(drift, float(np.abs(env.get_sim_state() - sim_states[t]).max()))
+            if t + every < len(actions):
+                env.expect_observation(every)
+        raw, _ = env.step(actions[t])
+    frames = {"frame_steps": steps, "images": np.stack(images), "wrist_images": np.stack(wrist),
+              "states": np.stack(states).astype(np.float32)}
+    return frames, drift
+
+
+def record_chunk(suite: str, task_id: int, trials: list[int], settings: dict[str, Any], out: str) -> list[dict]:
+    """Record `trials` of one task; returns their manifest rows (written by the parent, in order)."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from libero_eval.seeding import episode_seed
+    from policies.expert import ExpertPolicy
+    from tasks import registry
+    from tasks.env import EnvConfig, LiberoEnv
+
+    task = registry.get_task(suite, task_id)
+    max_steps = settings["max_steps"] or registry.MAX_STEPS[suite]
+    with contextlib.redirect_stdout(io.StringIO()):
+        from libero.libero.envs.env_wrapper import ControlEnv
+
+        cheap = ControlEnv(bddl_file_name=task.bddl_path, has_renderer=False, has_offscreen_renderer=False,
+                           use_camera_obs=False, hard_reset=False)
+    renderer: LiberoEnv | None = None
+    policy = ExpertPolicy()
+    rows = []
+    try:
+        for trial in trials:
+            seed = episode_seed(suite, task_id, trial)
+            t0 = time.perf_counter()
+            cheap.seed(seed)
+            policy.reset(f"{suite}/{task_id}/{trial}", seed)
+            success, actions, sim_states = _expert_pass(cheap, policy, registry.init_state(suite, task_id, trial),
+                                                        max_steps)
+            expert_s = time.perf_counter() - t0
+            row = {"suite": suite, "task_id": task_id, "trial": trial,
+                   "split": "held_out" if trial in settings["held_out"] else "train", "success": success,
+                   "steps": int(len(actions)), "frames": 0, "file": None, "expert_s": round(expert_s, 2),
+                   "render_s": 0.0}
+            if success:
+                t1 = time.perf_counter()
+                if renderer is None:
+                    renderer = LiberoEnv(task, EnvConfig(hard_reset=False))
+                frames, drift = _render_pass(renderer, seed, registry.init_state(suite, task_id, trial), actions,
+                                             sim_states, settings["every"], settings["image_size"])
+                row["replay_drift"] = drift
+                rel = episode_file(suite, task_id, trial)
+                path = Path(out) / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp.npz")
+                np.savez_compressed(tmp, actions=actions, sim_states=sim_states, prompt=np.array(task.language),
+                                    **frames)
+                os.replace(tmp, path)  # a file is either complete or absent
+                row.update(frames=int(len(frames["frame_steps"])), file=rel,
+                           render_s=round(time.perf_counter() - t1, 2))
+            rows.append(row)
+    finally:
+        cheap.close()
+        if renderer is not None:
+            renderer.close()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def plan(settings: DemoSettings, done: set[tuple[str, int, int]], chunk: int) -> Iterator[tuple[str, int, list[int]]]:
+    for suite, ids in settings.tasks.items():
+        for task_id in ids:
+            todo = [t for t in settings.trials if (suite, task_id, t) not in done]
+            for i in range(0, len(todo), chunk):
+                yield suite, task_id, todo[i:i + chunk]
+
+
+def record_demos(settings: DemoSettings, out: str | Path, workers: int = 2, chunk: int = 10,
+                 progress: bool = True) -> list[dict[str, Any]]:
+    """Record every (task, trial) of `settings` not yet in `<out>/manifest.jsonl`; returns all rows."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    _prepare_out(out, settings)
+    rows = read_manifest(out)
+    done = {(r["suite"], r["task_id"], r["trial"]) for r in rows}
+    units = list(plan(settings, done, chunk))
+    total = sum(len(u[2]) for u in units)
+    if not total:
+        logger.info("all %d episodes already recorded in %s", len(done), out)
+        return rows
+    bar = tqdm(total=total, desc="record-demos", unit="ep", disable=not progress)
+    cfg = settings.to_dict()
+    ctx = multiprocessing.get_context("spawn")  # one EGL context per fresh process
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool, \
+            (out / MANIFEST_FILE).open("a") as manifest:
+        pending = {pool.submit(record_chunk, s, t, trials, cfg, str(out)) for s, t, trials in units}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                for row in fut.result():
+                    manifest.write(json.dumps(row) + "\n")
+                    manifest.flush()
+                    rows.append(row)
+                    bar.update(1)
+                    bar.set_postfix(kept=sum(r["success"] for r in rows))
+    bar.close()
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> str:
+    """A per-task table: episodes, kept (expert successes), frames, mean steps, recording seconds."""
+    lines = [f"{'suite':<16}{'task':>5}{'split':>10}{'episodes':>10}{'kept':>6}{'frames':>8}{'steps':>7}"
+             f"{'expert s':>10}{'render s':>10}"]
+    keys = sorted({(r["suite"], r["task_id"], r["split"]) for r in rows})
+    for suite, task_id, split in keys:
+        sel = [r for r in rows if (r["suite"], r["task_id"], r["split"]) == (suite, task_id, split)]
+        kept = [r for r in sel if r["success"]]
+        lines.append(f"{suite:<16}{task_id:>5}{split:>10}{len(sel):>10}{len(kept):>6}"
+                     f"{sum(r['frames'] for r in kept):>8}{np.mean([r['steps'] for r in kept] or [0]):>7.0f}"
+                     f"{sum(r['expert_s'] for r in sel):>10.1f}{sum(r['render_s'] for r in sel):>10.1f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# CLI: libero-eval record-demos
+
+EXAMPLES = """examples:
+  libero-eval record-demos --tasks libero_spatial:0,1 --trials 0-49 --held-out 40-49 --out data/demos
+  libero-eval record-demos --tasks libero_spatial:0-3,libero_object:0 --every 2 --image-size 112
+
+Rerunning with the same --out resumes (finished episodes are skipped; adding tasks or trials extends the
+dataset). Episodes the expert fails are listed in the manifest and not rendered.
+"""
+
+
+def _parse_tasks(text: str) -> dict[str, list[int]]:
+    import argparse
+
+    from libero_eval.cli import _parse_int_list
+
+    tasks: dict[str, list[int]] = {}
+    for part in text.split(";") if ";" in text else _split_suites(text):
+        if ":" not in part:
+            raise argparse.ArgumentTypeError(f"bad task list {part!r}: expected suite:ids, e.g. libero_spatial:0,1")
+        suite, ids = part.split(":", 1)
+        parsed = _parse_int_list(ids, "task")
+        if parsed == "all":
+            from tasks import registry
+
+            parsed = list(range(registry.num_tasks(suite.strip())))
+        tasks[suite.strip()] = list(parsed)
+    return tasks
+
+
+def _split_suites(text: str) -> list[str]:
+    """'libero_spatial:0,1,libero_object:5' -> ['libero_spatial:0,1', 'libero_object:5']."""
+    parts: list[str] = []
+    for item in text.split(","):
+        if ":" in item or not parts:
+            parts.append(item)
+        else:
+            parts[-1] += "," + item
+    return parts
+
+
+def add_parser(sub) -> None:
+    import argparse
+
+    from libero_eval.cli import _parse_int_list, _positive
+
+    p = sub.add_parser("record-demos", help="record scripted-expert demonstrations (actions, states, images)",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="libero_spatial:0,1", type=_parse_tasks,
+                   help="suite:task ids, several suites comma-separated (default libero_spatial:0,1)")
+    p.add_argument("--trials", default="0-49", type=lambda s: _parse_int_list(s, "trial"),
+                   help="init-state indices to record per task (default 0-49)")
+    p.add_argument("--held-out", default="40-49", type=lambda s: _parse_int_list(s, "trial"),
+                   help="init-state indices of the held-out split, never trained on (default 40-49)")
+    p.add_argument("--image-size", default=112, type=_positive,
+                   help="stored image size: the vision input of the model to train (default 112)")
+    p.add_argument("--every", default=1, type=_positive, help="render an observation every N steps (default 1)")
+    p.add_argument("--max-steps", default=None, type=_positive, help="expert step cap (default: the protocol's)")
+    p.add_argument("--workers", default=2, type=_positive, help="parallel processes (default 2)")
+    p.add_argument("--out", default="data/demos", help="dataset directory (default data/demos)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    trials = list(range(50)) if args.trials == "all" else args.trials
+    held_out = list(range(50)) if args.held_out == "all" else args.held_out
+    try:
+        settings = DemoSettings(tasks=args.tasks, trials=trials, held_out=held_out, image_size=args.image_size,
+                                every=args.every, max_steps=args.max_steps)
+        t0 = time.perf_counter()
+        rows = record_demos(settings, args.out, workers=args.workers, progress=not args.no_progress)
+    except (DemoError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    print(summarize(rows))
+    print(f"\n{sum(r['success'] for r in rows)}/{len(rows)} episodes kept in {args.out} "
+          f"({time.perf_counter() - t0:.0f} s this run)")
+    return 0

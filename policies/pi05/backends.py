@@ -1,0 +1,509 @@
+"""Execution backends for the Pi0.5 stages the policy actor runs: eager PyTorch, torch.compile, TensorRT.
+
+A backend offers the model's stage API (`embed_prefix`, `compute_prefix_kv`, `denoise`, `sample_actions`)
+with the same signatures and values, so `CachedPi05Engine` and every cache path run unchanged on any
+of them. What a backend cannot accelerate runs the model's own eager method and is counted in
+`fallbacks` (reported by `describe()`):
+  * the partial prefix pass (VLA-Cache token reuse): each layer drops a data-dependent token set;
+  * tensorrt: attention layers the exported variants do not return (see policies/pi05/export.py).
+
+    eager     the model's methods; the reference every other backend is tested against.
+    compile   torch.compile of the vision tower, the prefix pass and the denoising step (mode configurable).
+              On CUDA with `cuda_graphs`, the whole denoising loop (every step, the Euler updates) is
+              captured once per (batch, prefix length, steps, schedule, solver) as one CUDA graph, so a
+              reuse frame is one graph replay plus the input copies.
+    tensorrt  engines built by launch/build_engines.py from the exported ONNX stages; the same CUDA graph
+              capture of the loop around the TensorRT step. Needs the `tensorrt` extra and a GPU.
+
+Tolerances against eager on the same inputs (float32): compile ACTION_TOLERANCE["compile"] (inductor
+fuses and reorders float reductions), tensorrt ACTION_TOLERANCE["tensorrt"] (FP16 engines; FP8 prefix
+engines need a success-rate check, not a tolerance).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from policies.pi05.modeling import (
+    AttentionCallback,
+    AttentionLayers,
+    DenoiseResult,
+    Pi05Inputs,
+    Pi05Model,
+    Prefix,
+    PrefixKV,
+    TokenReuse,
+    _resolve_layers,
+)
+
+BACKENDS = ("eager", "compile", "tensorrt")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile modes whose own CUDA graphs would nest inside the backend's capture of the denoising loop
+_WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+# max |actions - eager actions| on the same inputs (normalised action units), asserted in the tests / bench
+ACTION_TOLERANCE = {"eager": 0.0, "compile": 1e-4, "tensorrt": 5e-2}
+TENSORRT_EXTRA_HINT = 'pip install -e ".[tensorrt]"'
+ENGINE_MANIFEST = "engines.json"  # written by launch/build_engines.py next to the engines
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot run here (missing extra, no GPU, engines that do not match the model)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    """The `model.backend*` settings of a sweep config.
+
+    compile_mode: torch.compile's mode. cuda_graphs: capture the denoising loop as one CUDA graph per
+    shape (CUDA only; compile and tensorrt). engine_dir: the directory launch/build_engines.py wrote.
+    """
+
+    backend: str = "eager"
+    compile_mode: str = "default"
+    cuda_graphs: bool = True
+    engine_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of: {', '.join(BACKENDS)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode {self.compile_mode!r} is not one of: {', '.join(COMPILE_MODES)}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        if self.backend == "tensorrt" and not self.engine_dir:
+            raise ValueError("backend 'tensorrt' needs engine_dir: the directory launch/build_engines.py wrote")
+
+    @classmethod
+    def from_model_section(cls, section: dict[str, Any]) -> BackendOptions:
+        """The options among a sweep config's `model` section (other keys ignored, missing ones default)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{name: section[name] for name in names if name in section})
+
+
+def make_backend(model: Pi05Model, options: BackendOptions | None = None) -> Pi05Backend:
+    """The backend `options.backend` names, over `model` (which stays the eager fallback)."""
+    options = options or BackendOptions()
+    cls = {"eager": Pi05Backend, "compile": CompiledBackend, "tensorrt": TensorRTBackend}[options.backend]
+    return cls(model, options)
+
+
+# --------------------------------------------------------------------------------------------------------
+# eager, and the routing every backend shares
+
+
+PrefixOutputs = tuple[tuple[Tensor, ...], tuple[Tensor, ...], dict[int, Tensor]]  # keys, values, {layer: map}
+
+
+class Pi05Backend:
+    """eager: every stage is the model's own method. It is also the routing of the other backends, which
+    override three hooks (`encode_images`, `prefix_pass`, `velocity_predictor`); where a hook returns None
+    the model's eager method runs, counted in `fallbacks` by reason."""
+
+    accelerated = False  # eager's own calls are not fallbacks
+
+    def __init__(self, model: Pi05Model, options: BackendOptions | None = None) -> None:
+        self.model = model.eval()
+        self.options = options or BackendOptions()
+        self.device = next(model.parameters()).device
+        self.fallbacks: Counter[str] = Counter()  # stage calls that ran eager, by reason
+        self.setup_s = 0.0  # time spent compiling / capturing / loading (first calls), reported by describe()
+        use_graphs = self.accelerated and self.options.cuda_graphs and self.device.type == "cuda"
+        self.graphs = DenoiseGraphs(self) if use_graphs else None
+
+    @property
+    def name(self) -> str:
+        return self.options.backend
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # ---- hooks (accelerated backends override them)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Vision tower + projector: images [B, N, 3, S, S] -> [B, N, P, W_vlm]."""
+        return self.model.embed_images(images)
+
+    def prefix_pass(self, prefix: Prefix, layers: tuple[int, ...]) -> PrefixOutputs | None:
+        """The full prefix pass with the maps of `layers`; None = the model's eager pass."""
+        return None
+
+    def velocity_predictor(self, prefix_kv: PrefixKV, layers: frozenset[int]) -> Callable | None:
+        """A `Pi05Model.predict_velocity` replacement for one denoising run; None = the model's own."""
+        return None
+
+    def _fell_back(self, reason: str) -> None:
+        if self.accelerated:
+            self.fallbacks[reason] += 1
+
+    # ---- stages (the model's stage API)
+
+    def embed_prefix(self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor) -> Prefix:
+        return self.model.embed_prefix(images, image_masks, tokens, token_masks, encode_images=self.encode_images)
+
+    def compute_prefix_kv(
+        self,
+        prefix: Prefix,
+        return_attention: AttentionLayers = False,
+        *,
+        reuse: TokenReuse | None = None,
+        on_attention: AttentionCallback | None = None,
+        callback_layers: AttentionLayers = False,
+    ) -> PrefixKV:
+        depth = self.config.vlm.depth
+        want = _resolve_layers(return_attention, depth)
+        hooked = _resolve_layers(callback_layers, depth) if on_attention is not None else frozenset()
+        result = None
+        if reuse is None:  # a partial pass drops a data-dependent token set per layer: eager only
+            result = self.prefix_pass(prefix, tuple(sorted(want | hooked)))
+        if result is None:
+            self._fell_back("partial_prefix" if reuse is not None else "prefix_attention_layers")
+            return self.model.compute_prefix_kv(prefix, return_attention, reuse=reuse, on_attention=on_attention,
+                                                callback_layers=callback_layers)
+        keys, values, maps = result
+        for layer in sorted(hooked):  # the same order as eager, after the pass rather than during it
+            on_attention(layer, maps[layer], None)
+        attention = tuple(maps[i] if i in want else None for i in range(depth)) if want else None
+        return PrefixKV(keys=keys, values=values, attention=attention)
+
+    def denoise(
+        self,
+        prefix_kv: PrefixKV,
+        prefix_mask: Tensor,
+        noise: Tensor,
+        num_steps: int | None = None,
+        schedule: str = "linear",
+        solver: str = "euler",
+        return_attention: AttentionLayers = False,
+    ) -> DenoiseResult:
+        num_steps = self.config.num_steps if num_steps is None else num_steps
+        layers = _resolve_layers(return_attention, self.config.action_expert.depth)
+        if not layers and self.graphs is not None:
+            return self.graphs.run(prefix_kv, prefix_mask, noise, num_steps, schedule, solver)
+        return self.denoise_uncaptured(prefix_kv, prefix_mask, noise, num_steps, schedule, solver, layers)
+
+    def denoise_uncaptured(self, prefix_kv: PrefixKV, prefix_mask: Tensor, noise: Tensor, num_steps: int,
+                           schedule: str, solver: str, layers: frozenset[int] = frozenset()) -> DenoiseResult:
+        """The model's sampler loop around this backend's denoising step (what the CUDA graph captures)."""
+        predict = self.velocity_predictor(prefix_kv, layers)
+        if predict is None:
+            self._fell_back("denoise_attention_layers")
+        return self.model.denoise(prefix_kv, prefix_mask, noise, num_steps, schedule, solver,
+                                  sorted(layers) or False, predict_velocity=predict)
+
+    def sample_actions(self, inputs: Pi05Inputs, noise: Tensor, num_steps: int | None = None,
+                       schedule: str = "linear", solver: str = "euler") -> Tensor:
+        """All stages through this backend; normalised actions [B, H, A] float32."""
+        prefix = self.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks)
+        prefix_kv = self.compute_prefix_kv(prefix)
+        return self.denoise(prefix_kv, prefix.pad_mask, noise, num_steps, schedule, solver).actions
+
+    def describe(self) -> dict[str, Any]:
+        out = {"backend": self.name, **{k: v for k, v in dataclasses.asdict(self.options).items() if k != "backend"},
+               "setup_s": round(self.setup_s, 3), "fallbacks": dict(self.fallbacks)}
+        if self.graphs is not None:
+            out["cuda_graphs_captured"] = len(self.graphs.entries)
+        return out
+
+
+@dataclasses.dataclass
+class _GraphEntry:
+    graph: Any  # torch.cuda.CUDAGraph
+    keys: list[Tensor]  # static inputs, written before every replay
+    values: list[Tensor]
+    mask: Tensor
+    noise: Tensor
+    actions: Tensor  # static output, read (cloned) after every replay
+    times: tuple[float, ...]
+
+
+class DenoiseGraphs:
+    """The denoising loop (every step and update) captured as one CUDA graph per shape and sampler setting.
+
+    Inputs are copied into the graph's static tensors and the output cloned, so stored K/V (reuse frames)
+    are never aliased by a later replay. The flow times are host constants of the capture, which is why
+    the sampler settings are part of the key.
+    """
+
+    def __init__(self, backend: Pi05Backend) -> None:
+        self.backend = backend
+        self.entries: dict[tuple, _GraphEntry] = {}
+
+    @torch.inference_mode()  # static tensors are inference tensors: writing them needs inference mode
+    def run(self, prefix_kv: PrefixKV, prefix_mask: Tensor, noise: Tensor, num_steps: int, schedule: str,
+            solver: str) -> DenoiseResult:
+        key = (tuple(noise.shape), prefix_kv.num_tokens, prefix_kv.keys[0].dtype, num_steps, schedule, solver)
+        entry = self.entries.get(key)
+        if entry is None:
+            start = time.perf_counter()
+            entry = self.entries[key] = self._capture(prefix_kv, prefix_mask, noise, num_steps, schedule, solver)
+            self.backend.setup_s += time.perf_counter() - start
+        torch._foreach_copy_(entry.keys, list(prefix_kv.keys))
+        torch._foreach_copy_(entry.values, list(prefix_kv.values))
+        entry.mask.copy_(prefix_mask)
+        entry.noise.copy_(noise)
+        entry.graph.replay()
+        return DenoiseResult(actions=entry.actions.clone(), times=entry.times)
+
+    def _capture(self, prefix_kv: PrefixKV, prefix_mask: Tensor, noise: Tensor, num_steps: int, schedule: str,
+                 solver: str) -> _GraphEntry:
+        keys = [k.clone() for k in prefix_kv.keys]
+        values = [v.clone() for v in prefix_kv.values]
+        mask, static_noise = prefix_mask.clone(), noise.to(self.backend.device).clone()
+        static_kv = PrefixKV(keys=tuple(keys), values=tuple(values))
+
+        def loop() -> DenoiseResult:
+            return self.backend.denoise_uncaptured(static_kv, mask, static_noise, num_steps, schedule, solver)
+
+        # warm-up on a side stream (compilation, TensorRT's deferred allocations), then capture (torch docs)
+        side = torch.cuda.Stream(self.backend.device)
+        side.wait_stream(torch.cuda.current_stream(self.backend.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                loop()
+        torch.cuda.current_stream(self.backend.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result = loop()
+        return _GraphEntry(graph, keys, values, mask, static_noise, result.actions, result.times)
+
+
+# --------------------------------------------------------------------------------------------------------
+# compile
+
+
+class CompiledBackend(Pi05Backend):
+    """torch.compile of each stage (dynamic batch after the second batch size; a recompile per attention
+    layer set, which is a constant of the graph)."""
+
+    accelerated = True
+
+    def __init__(self, model: Pi05Model, options: BackendOptions | None = None) -> None:
+        options = options or BackendOptions(backend="compile")
+        super().__init__(model, options)
+        mode = options.compile_mode
+        if self.graphs is not None:
+            mode = _WITHOUT_CUDAGRAPHS.get(mode, mode)  # one capture of the whole loop instead
+        self.mode = mode
+        # torch's own CUDA graphs (cudagraph trees) overwrite outputs at the next run: clone what is kept
+        self._clone = self.device.type == "cuda" and mode in _WITHOUT_CUDAGRAPHS
+        self._vision = torch.compile(model.embed_images, mode=mode)
+        self._prefix = torch.compile(_prefix_arrays, mode=mode)
+        self._step = torch.compile(model.predict_velocity, mode=mode)
+        self._seen: set[tuple] = set()
+
+    def _timed(self, key: tuple, fn: Callable[[], Any]) -> Any:
+        """Run fn; the first call per key (shapes, layers) is compilation and is added to setup_s."""
+        if key in self._seen:
+            return fn()
+        start = time.perf_counter()
+        out = fn()
+        self.setup_s += time.perf_counter() - start
+        self._seen.add(key)
+        return out
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        out = self._timed(("vision", images.shape[0]), lambda: self._vision(images))
+        return out.clone() if self._clone else out
+
+    def prefix_pass(self, prefix: Prefix, layers: tuple[int, ...]) -> PrefixOutputs:
+        keys, values, maps = self._timed(
+            ("prefix", prefix.embeddings.shape[0], layers),
+            lambda: self._prefix(self.model, prefix.embeddings, prefix.pad_mask, prefix.ar_mask, prefix.positions,
+                                 layers))
+        if self._clone:
+            keys, values = tuple(k.clone() for k in keys), tuple(v.clone() for v in values)
+            maps = tuple(m.clone() for m in maps)
+        return keys, values, dict(zip(layers, maps, strict=True))
+
+    def velocity_predictor(self, prefix_kv: PrefixKV, layers: frozenset[int]) -> Callable:
+        key = ("step", prefix_kv.batch_size, tuple(sorted(layers)))
+
+        def predict(kv: PrefixKV, mask: Tensor, x_t: Tensor, t: Tensor, return_attention: AttentionLayers):
+            v_t, maps = self._timed(key, lambda: self._step(kv, mask, x_t, t, return_attention))
+            if self._clone:
+                v_t = v_t.clone()
+                maps = None if maps is None else tuple(None if m is None else m.clone() for m in maps)
+            return v_t, maps
+
+        return predict
+
+
+def _prefix_arrays(model: Pi05Model, embeddings: Tensor, pad_mask: Tensor, ar_mask: Tensor, positions: Tensor,
+                   layers: tuple[int, ...]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """`compute_prefix_kv` on tensors in, tuples out (what torch.compile traces; maps of `layers` only)."""
+    prefix = Prefix(embeddings=embeddings, pad_mask=pad_mask, ar_mask=ar_mask, positions=positions, segments={})
+    kv = model.compute_prefix_kv(prefix, return_attention=list(layers) or False)
+    maps = tuple(kv.attention[i] for i in layers) if layers else ()
+    return kv.keys, kv.values, maps
+
+
+# --------------------------------------------------------------------------------------------------------
+# tensorrt
+
+
+def import_tensorrt():
+    """The tensorrt module, or an ImportError that names the extra to install."""
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise ImportError(f"backend 'tensorrt' needs the TensorRT Python package, which is not installed "
+                          f"({exc}): install the `tensorrt` extra ({TENSORRT_EXTRA_HINT}) on a machine with an "
+                          "NVIDIA GPU, then build engines with `python -m launch.build_engines`") from exc
+    return tensorrt
+
+
+_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+                 "INT64": torch.int64, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8}
+
+
+class TensorRTStage:
+    """One deserialized engine with its execution context; torch tensors are bound as its I/O buffers."""
+
+    def __init__(self, trt: Any, runtime: Any, path: Path, device: torch.device) -> None:
+        self.path = path
+        self.device = device
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise BackendError(f"TensorRT could not deserialize {path} (built with another TensorRT version or "
+                               "for another GPU? rebuild it with launch/build_engines.py on this machine)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.inputs = [n for n in names if is_input[n]]
+        self.outputs = [n for n in names if not is_input[n]]
+        self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name] for n in names}
+
+    def __call__(self, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Run on torch's current stream (stream-ordered with the surrounding torch work, capturable)."""
+        bound = {}
+        for name in self.inputs:
+            tensor = feeds[name].to(device=self.device, dtype=self.dtypes[name]).contiguous()
+            bound[name] = tensor  # kept alive until the enqueue below; the caching allocator is stream-ordered
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise BackendError(f"{self.path.name}: input {name} of shape {tuple(tensor.shape)} is outside the "
+                                   "engine's optimization profile (rebuild with a larger --max-batch)")
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        if not self.context.execute_async_v3(stream):
+            raise BackendError(f"TensorRT execution of {self.path.name} failed")
+        return outputs
+
+
+StageFn = Callable[[dict[str, Tensor]], dict[str, Tensor]]  # named inputs -> named outputs (export.py names)
+
+
+class ExportedStagesBackend(Pi05Backend):
+    """Runs the exported stage graphs (policies/pi05/export.py I/O): TensorRT engines in production,
+    onnxruntime sessions in the CPU tests, which is how this routing is verified without a GPU.
+
+    Outputs are cast to the dtypes eager produces (K/V in the VLM's compute dtype), so K/V from any path can
+    be stored, concatenated and denoised against by any other (a partial pass runs eager; its K/V feed the
+    exported step).
+    """
+
+    accelerated = True
+
+    def __init__(self, model: Pi05Model, options: BackendOptions, stages: dict[str, StageFn],
+                 attention_layers: dict[str, Sequence[int]]) -> None:
+        super().__init__(model, options)
+        missing = sorted({"vision", "prefix", "denoise_step"} - set(stages))
+        if missing:
+            raise BackendError(f"backend {options.backend!r} lacks the stages {missing}")
+        self.stages = stages
+        self.attention_layers = {name: tuple(sorted(layers)) for name, layers in attention_layers.items()}
+
+    def _variant(self, base: str, layers: Sequence[int]) -> str | None:
+        """The stage to run for `layers` of maps: the plain one, its attention variant, or None (eager)."""
+        if not layers:
+            return base
+        name = f"{base}_attention"
+        return name if name in self.stages and set(layers) <= set(self.attention_layers.get(name, ())) else None
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        return self.stages["vision"]({"images": images})["image_tokens"].to(self.model.vlm.compute_dtype)
+
+    def prefix_pass(self, prefix: Prefix, layers: tuple[int, ...]) -> PrefixOutputs | None:
+        name = self._variant("prefix", layers)
+        if name is None:
+            return None
+        out = self.stages[name]({"embeddings": prefix.embeddings, "pad_mask": prefix.pad_mask})
+        dtype = self.model.vlm.compute_dtype
+        keys, values = out["prefix_keys"].to(dtype), out["prefix_values"].to(dtype)
+        exported = self.attention_layers.get(name, ())
+        maps = {layer: out["prefix_attention"][exported.index(layer)] for layer in layers}
+        return tuple(keys.unbind(0)), tuple(values.unbind(0)), maps
+
+    def velocity_predictor(self, prefix_kv: PrefixKV, layers: frozenset[int]) -> Callable | None:
+        name = self._variant("denoise_step", tuple(sorted(layers)))
+        if name is None:
+            return None
+        stage, exported = self.stages[name], self.attention_layers.get(name, ())
+        depth = self.config.action_expert.depth
+        # stacked once per denoising run (K/V from an exported prefix are views of one tensor: no copy)
+        keys, values = _stacked(prefix_kv.keys), _stacked(prefix_kv.values)
+        out_dtype = self.model.action_out_proj.weight.dtype
+
+        def predict(kv: PrefixKV, mask: Tensor, x_t: Tensor, t: Tensor, return_attention: AttentionLayers):
+            out = stage({"x_t": x_t, "t": t, "prefix_keys": keys, "prefix_values": values, "prefix_mask": mask})
+            maps = None
+            if layers:
+                maps = tuple(out["action_attention"][exported.index(i)] if i in layers else None for i in range(depth))
+            return out["velocity"].to(out_dtype), maps
+
+        return predict
+
+
+class TensorRTBackend(ExportedStagesBackend):
+    """Engines of the exported stages (ONNX -> TensorRT, launch/build_engines.py), torch tensors bound as
+    their I/O buffers. UNVERIFIED: TensorRT wheels cannot be installed on the development machines."""
+
+    def __init__(self, model: Pi05Model, options: BackendOptions | None = None) -> None:
+        options = options or BackendOptions(backend="tensorrt")
+        trt = import_tensorrt()
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise BackendError(f"backend 'tensorrt' needs the model on a CUDA device, got {device}")
+        directory = Path(options.engine_dir)
+        manifest_path = directory / ENGINE_MANIFEST
+        if not manifest_path.is_file():
+            raise BackendError(f"{manifest_path} not found: build engines with `python -m launch.build_engines "
+                               f"--out {directory}`")
+        self.manifest = json.loads(manifest_path.read_text())
+        built_for = self.manifest.get("config", {})
+        if built_for != model.config.to_dict():
+            raise BackendError(f"engines in {directory} were built for config {built_for.get('name')!r}, which "
+                               f"differs from the model's ({model.config.name!r}): rebuild them")
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self.logger)
+        start = time.perf_counter()
+        entries = self.manifest["stages"]
+        stages = {name: TensorRTStage(trt, runtime, directory / entry["engine"], device)
+                  for name, entry in entries.items()}
+        super().__init__(model, options, stages,
+                         {name: entry.get("attention_layers", ()) for name, entry in entries.items()})
+        self.setup_s += time.perf_counter() - start
+
+
+def _stacked(tensors: Sequence[Tensor]) -> Tensor:
+    """[L, ...] from per-layer tensors; no copy when they are exactly the layers of one [L, ...] tensor, in
+    order (the K/V of an exported prefix pass)."""
+    full = tensors[0]._base
+    if full is not None and full.shape[0] == len(tensors) and all(
+            t.shape == full[i].shape and t.stride() == full[i].stride() and t.data_ptr() == full[i].data_ptr()
+            for i, t in enumerate(tensors)):
+        return full
+    return torch.stack(list(tensors))

@@ -1,0 +1,95 @@
+"""Demo recording: the expert pass, the re-rendered observations (equal to the closed loop's), the format,
+resume and argument errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from libero_eval import demos
+from libero_eval.demos import DemoError, DemoSettings, record_chunk
+from libero_eval.seeding import episode_seed
+from policies.pi05.processing import fit_image
+from tasks import protocol, registry
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demos")
+    settings = DemoSettings(tasks={"libero_spatial": [0]}, trials=[2], held_out=[], image_size=112, every=25)
+    rows = record_chunk("libero_spatial", 0, [2], settings.to_dict(), str(out))
+    return out, rows
+
+
+def test_recorded_episode_has_the_documented_arrays(recorded):
+    out, rows = recorded
+    (row,) = rows
+    assert row["success"] and row["split"] == "train" and row["file"] == "libero_spatial/task00/trial02.npz"
+    assert row["replay_drift"] == 0.0  # the rendering replay retraced the expert pass exactly
+    with np.load(out / row["file"]) as z:
+        t = row["steps"]
+        assert z["actions"].shape == (t, 7) and z["actions"].dtype == np.float32
+        assert z["sim_states"].shape[0] == t + 1
+        np.testing.assert_array_equal(z["frame_steps"], np.arange(0, t, 25))
+        f = len(z["frame_steps"])
+        assert row["frames"] == f
+        assert z["images"].shape == z["wrist_images"].shape == (f, 112, 112, 3)
+        assert z["images"].dtype == np.uint8 and z["images"].std() > 10  # a real scene, not a blank frame
+        assert z["states"].shape == (f, 8)
+        assert str(z["prompt"]) == registry.get_task("libero_spatial", 0).language
+
+
+def test_rerendered_observations_equal_the_closed_loop_ones(recorded, spatial_env):
+    """Replaying the demo's actions in the closed-loop env (hard reset, lazy rendering) reaches the recorded
+    states and renders the images the dataset stores."""
+    out, (row,) = recorded
+    with np.load(out / row["file"]) as z:
+        actions, frame_steps, images, wrist, states = (z[k] for k in ("actions", "frame_steps", "images",
+                                                                        "wrist_images", "states"))
+    env = spatial_env
+    env.reset(episode_seed("libero_spatial", 0, 2), registry.init_state("libero_spatial", 0, 2))
+    env.expect_observation(protocol.NUM_STEPS_WAIT)
+    for _ in range(protocol.NUM_STEPS_WAIT):
+        raw, _ = env.step(protocol.DUMMY_ACTION)
+    frames = list(frame_steps)
+    checked = 0
+    for t in range(len(actions)):
+        if t in frames:
+            i = frames.index(t)
+            np.testing.assert_array_equal(fit_image(protocol.model_image(raw[protocol.AGENTVIEW]), 112), images[i])
+            np.testing.assert_array_equal(fit_image(protocol.model_image(raw[protocol.WRIST]), 112), wrist[i])
+            np.testing.assert_allclose(protocol.state_vector(raw), states[i], atol=1e-6)
+            checked += 1
+            if i + 1 < len(frames):
+                env.expect_observation(frames[i + 1] - t)
+        raw, done = env.step(actions[t])
+    assert checked == len(frames) and done
+
+
+def test_resume_plans_only_missing_episodes():
+    settings = DemoSettings(tasks={"libero_spatial": [0, 1]}, trials=list(range(5)), held_out=[4])
+    done = {("libero_spatial", 0, k) for k in range(5)} | {("libero_spatial", 1, 0)}
+    units = list(demos.plan(settings, done, chunk=3))
+    assert units == [("libero_spatial", 1, [1, 2, 3]), ("libero_spatial", 1, [4])]
+    assert settings.split(4) == "held_out" and settings.split(0) == "train"
+
+
+def test_a_dataset_refuses_other_recording_settings(tmp_path):
+    a = DemoSettings(tasks={"libero_spatial": [0]}, trials=[0, 1], held_out=[1], image_size=112)
+    demos._prepare_out(tmp_path, a)
+    b = DemoSettings(tasks={"libero_spatial": [1]}, trials=[2], held_out=[], image_size=112)
+    demos._prepare_out(tmp_path, b)  # extending with other tasks/trials is fine
+    meta = json.loads((tmp_path / demos.DATASET_FILE).read_text())
+    assert meta["tasks"] == {"libero_spatial": [0, 1]} and meta["trials"] == [0, 1, 2]
+    with pytest.raises(DemoError, match="image_size: recorded 112, now 64"):
+        demos._prepare_out(tmp_path, DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[],
+                                                  image_size=64))
+
+
+def test_bad_recording_arguments_fail_early():
+    with pytest.raises(DemoError, match="held-out trials \\[7\\] are not among"):
+        DemoSettings(tasks={"libero_spatial": [0]}, trials=[0, 1], held_out=[7])
+    with pytest.raises(ValueError, match="libero_nope"):
+        DemoSettings(tasks={"libero_nope": [0]}, trials=[0], held_out=[])
+    assert demos._parse_tasks("libero_spatial:0,1,libero_object:5") == {"libero_spatial": [0, 1], "libero_object": [5]}

@@ -1,0 +1,83 @@
+"""The scripted expert: privileged state, a real full-protocol episode that succeeds, clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from libero_eval.episode import EpisodeSettings, run_episode
+from libero_eval.policy_factory import PolicySpecError, make_policy, policy_inputs, validate_variant
+from libero_eval.specs import EpisodeSpec
+from policies.engine import PolicyVariant
+from policies.expert import ExpertError, ExpertPolicy
+from policies.expert.geometry import rot_z, rotation_error
+from tasks import registry
+
+
+def _spec(trial: int, max_steps: int | None = None) -> EpisodeSpec:
+    suite, task = "libero_spatial", 0
+    return EpisodeSpec(suite=suite, task_id=task, trial=trial, policy_label="expert",
+                       max_steps=max_steps or registry.MAX_STEPS[suite])
+
+
+def test_privileged_state_describes_the_goal_and_objects(spatial_env):
+    spatial_env.reset(0, registry.init_state("libero_spatial", 0, 0))
+    priv = spatial_env.privileged()
+    assert priv["goal"] == [["on", "akita_black_bowl_1", "plate_1"]]
+    bowl = priv["objects"]["akita_black_bowl_1"]
+    lo, hi, pos = (np.asarray(bowl[k]) for k in ("aabb_min", "aabb_max", "pos"))
+    assert np.all(lo < hi) and np.all(lo[:2] <= pos[:2]) and np.all(pos[:2] <= hi[:2])
+    width = hi[:2] - lo[:2]
+    assert np.all((0.08 < width) & (width < 0.2)), f"a LIBERO bowl is ~13 cm wide, got {width}"
+    mat = np.asarray(priv["eef_mat"])
+    np.testing.assert_allclose(mat @ mat.T, np.eye(3), atol=1e-6)
+    assert len(priv["gripper_qpos"]) == 2
+
+
+def test_expert_solves_a_full_protocol_episode_without_rendering(spatial_env, tmp_path):
+    result = run_episode(_spec(3), spatial_env, ExpertPolicy(), EpisodeSettings(video="none"), tmp_path)
+    assert result.status == "success", (result.reason, result.error)
+    assert result.steps < registry.MAX_STEPS["libero_spatial"]
+    # one query per step, each an expert decision labelled with its phase
+    assert len(result.records) == result.steps
+    assert {r["decision"] for r in result.records} == {"expert"}
+    phases = list(dict.fromkeys(r["reason"] for r in result.records))
+    assert phases[:5] == ["hover", "descend", "close", "lift", "carry"]
+    # the expert never reads images: no camera was rendered during the episode
+    assert result.env_stats["renders"] == 0
+
+
+def test_expert_video_renders_every_replan_steps_only(spatial_env, tmp_path):
+    settings = EpisodeSettings(video="query", replan_steps=5)
+    result = run_episode(_spec(0, max_steps=12), spatial_env, ExpertPolicy(), settings, tmp_path)
+    assert result.status == "failure" and result.reason == "max_steps"
+    assert result.video_frames == 3  # steps 0, 5, 10
+    assert result.env_stats["renders"] == 3 * 2  # two cameras for each frame, none for the other 9 steps
+
+
+def test_expert_needs_privileged_state():
+    with pytest.raises(ExpertError, match="privileged"):
+        ExpertPolicy().infer({"observation/state": np.zeros(8, np.float32), "prompt": "x"})
+
+
+def test_expert_refuses_goals_it_does_not_handle():
+    priv = {"goal": [["open", "wooden_cabinet_1_top_region"]], "objects": {}, "sites": {},
+            "eef_pos": [0, 0, 1], "eef_mat": np.eye(3).tolist(), "gripper_qpos": [0.04, -0.04]}
+    with pytest.raises(ExpertError, match="one \\(on obj target\\)"):
+        ExpertPolicy().infer({"privileged": priv})
+
+
+def test_rotation_error_is_the_axis_angle_between_frames():
+    r0 = np.diag([1.0, -1.0, -1.0])  # gripper pointing down
+    np.testing.assert_allclose(rotation_error(rot_z(0.3) @ r0, r0), [0, 0, 0.3], atol=1e-9)
+    np.testing.assert_allclose(rotation_error(r0, r0), 0, atol=1e-12)
+
+
+def test_expert_variant_validation_and_inputs():
+    validate_variant(PolicyVariant.make("expert", "expert", {"gain": 10.0}))
+    with pytest.raises(PolicySpecError, match="has no parameter 'window'"):
+        validate_variant(PolicyVariant.make("expert", "expert", {"window": 2}))
+    with pytest.raises(PolicySpecError, match="gain must be > 0"):
+        validate_variant(PolicyVariant.make("expert", "expert", {"gain": -1.0}))
+    assert policy_inputs("expert") == (False, True)
+    assert policy_inputs("none") == (True, False)
+    assert isinstance(make_policy("expert"), ExpertPolicy)
