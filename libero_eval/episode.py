@@ -95,7 +95,8 @@ def run_episode(
         writer.append(hud_frame(images, lines, decision))
 
     video_on = settings.video != "none" and run_dir is not None
-    needs_images = getattr(policy, "needs_images", True)
+    # recorded observations feed `libero-eval replay` (image-reading cache policies): they always carry images
+    needs_images = getattr(policy, "needs_images", True) or settings.record_observations
     needs_privileged = getattr(policy, "needs_privileged", False)
 
     def images_at(step: int) -> bool:
@@ -135,7 +136,7 @@ def run_episode(
                 except Exception as exc:
                     raise _EpisodeError("env_error", exc) from exc
                 obs = protocol.observation(raw, task.language, privileged, images=needs_images)
-                if settings.record_observations and needs_images:
+                if settings.record_observations:
                     recorded.append((steps, obs))
                 try:
                     chunk = policy.infer(obs)
