@@ -9,7 +9,7 @@ actor) read from the MuJoCo state after the last step:
                  world-frame box around the object's collision geoms (objects and fixtures of the scene)
     sites        {name: {"pos": [3], "size": [3]}} the regions named in the goal (e.g. a basket's contain region)
     eef_pos      [3]  robot0_eef_pos (the grip site)
-    eef_quat     [4]  (x, y, z, w), robosuite convention
+    eef_mat      [3][3] world orientation of the grip site (rotation matrix)
     gripper_qpos [2]
 """
 from __future__ import annotations

@@ -75,8 +75,8 @@ class ExpertPolicy(Policy):
         self._r0: np.ndarray | None = None  # eef orientation at the first query (gripper down, yaw 0)
         self._plan: dict[str, Any] | None = None
         self._regrasps = 0
-        self._offset: np.ndarray | None = None  # object centre - eef, measured after the grasp
         self._obj_z_at_close = 0.0
+        self._lift_target: np.ndarray | None = None
         self._retreat_target: np.ndarray | None = None
 
     def infer(self, observation: dict[str, Any]) -> ActionChunk:
@@ -180,7 +180,7 @@ class ExpertPolicy(Policy):
         if self.phase == "close":
             if over_limit:
                 self._set_phase("lift")
-                self._lift_target = eef + np.array([0.0, 0.0, 0.0])
+                self._lift_target = eef.copy()
                 self._lift_target[2] = max(eef[2] + 0.10, carry_bottom + (eef[2] - obj_box.bottom) + 0.01)
             return self._move(eef, r_cur, grasp_eef, vmax, 1.0), {}
         if self.phase == "lift":
@@ -191,7 +191,6 @@ class ExpertPolicy(Policy):
                 self._set_phase("hover")
                 return self._move(eef, r_cur, eef + np.array([0.0, 0.0, 0.05]), vmax, -1.0), {"rise_m": rise}
             if abs(self._lift_target[2] - eef[2]) < 0.01 or over_limit:
-                self._offset = obj_box.centre - eef
                 self._set_phase("carry")
             return self._move(eef, r_cur, self._lift_target, carry, 1.0), {"rise_m": rise}
         if self.phase in ("carry", "lower"):
