@@ -2,7 +2,8 @@
 
 Two passes per episode, so only kept episodes pay for rendering:
   1. the expert runs on a camera-less env (robosuite ControlEnv: no renderer, ~15 ms per step) from the
-     protocol's start (init state k + 10 settle steps), recording actions and flattened sim states;
+     protocol's start (init state k + 10 settle steps), recording actions and flattened sim states (with
+     `noise` > 0, DART-style: the executed action is perturbed, the expert's own action is the label);
   2. for successful episodes, the actions are replayed on a rendering LiberoEnv (lazy rendering: cameras
      render only every `every` steps), so the stored observations are exactly the closed loop's: the
      protocol's processing (rotate 180, 224 px), then `fit_image` to the model's size.
@@ -14,7 +15,10 @@ On-disk format (documented in README "Demonstrations"):
                                 ("train" | "held_out" by init-state index), success, steps, frames, file,
                                 replay_drift (max abs sim-state difference of the rendering replay: 0)
   <out>/<suite>/task<NN>/trial<NN>.npz, kept episodes only:
-      actions       float32 [T, 7]     the expert's actions after the settle steps
+      actions       float32 [T, 7]     the executed actions after the settle steps (the expert's, plus the
+                                       perturbation when recorded with --noise)
+      labels        float32 [T, 7]     the expert's own action at each step (what training imitates; equal
+                                       to `actions` without --noise)
       sim_states    float64 [T + 1, D] flattened MuJoCo state before each action (and the final one)
       frame_steps   int32   [F]        step t of each rendered observation (the state before action t)
       images        uint8   [F, S, S, 3] agentview, protocol-processed, fitted to S = image_size
@@ -56,6 +60,12 @@ class DemoSettings:
     image_size: int = 112
     every: int = 1  # render an observation every `every` steps
     max_steps: int | None = None  # None: the protocol's max steps per suite
+    # DART-style perturbation: executed = expert + OU noise (std `noise` on x/y/z, a third of it on the rotation
+    # dims, none on the gripper; correlation time `noise_tau` steps); the expert's own action is the label, so
+    # the data shows how to recover from the drift a learned policy makes
+    noise: float = 0.0
+    noise_tau: float = 5.0
+    place_tolerance: float = 0.01  # the expert's carry -> lower gate (ExpertParams.place_tol), metres
 
     def __post_init__(self) -> None:
         from tasks import registry
@@ -69,6 +79,12 @@ class DemoSettings:
             raise DemoError(f"image_size must be >= 8, got {self.image_size}")
         if self.every < 1:
             raise DemoError(f"every must be >= 1, got {self.every}")
+        if not 0.0 <= self.noise <= 1.0:
+            raise DemoError(f"noise must be in [0, 1] (action units), got {self.noise}")
+        if self.noise_tau <= 0:
+            raise DemoError(f"noise_tau must be > 0 steps, got {self.noise_tau}")
+        if not 0 < self.place_tolerance <= 0.1:
+            raise DemoError(f"place_tolerance must be in (0, 0.1] metres, got {self.place_tolerance}")
         stray = sorted(set(self.held_out) - set(self.trials))
         if stray:
             raise DemoError(f"held-out trials {stray} are not among the recorded trials {self.trials}")
@@ -104,8 +120,10 @@ def _prepare_out(out: Path, settings: DemoSettings) -> None:
     wanted = settings.to_dict()
     if path.is_file():
         have = json.loads(path.read_text())
-        diffs = [f"{k}: recorded {have.get(k)!r}, now {wanted[k]!r}" for k in ("image_size", "every", "max_steps")
-                 if have.get(k) != wanted[k]]
+        defaults = {"noise": 0.0, "noise_tau": 5.0, "place_tolerance": 0.01}  # datasets older than the options
+        diffs = [f"{k}: recorded {have.get(k, defaults.get(k))!r}, now {wanted[k]!r}"
+                 for k in ("image_size", "every", "max_steps", "noise", "noise_tau", "place_tolerance")
+                 if have.get(k, defaults.get(k)) != wanted[k]]
         if diffs:
             raise DemoError(f"{out} holds demos recorded with other settings ({'; '.join(diffs)}); "
                             "use another --out or the same settings")
@@ -123,8 +141,36 @@ def _prepare_out(out: Path, settings: DemoSettings) -> None:
 # Worker side (one process per chunk of trials of one task: its own envs, its own EGL context)
 
 
-def _expert_pass(env, policy, init_state: np.ndarray, max_steps: int) -> tuple[bool, np.ndarray, np.ndarray]:
-    """-> (success, actions [T, 7], sim states [T + 1, D]) from the protocol's start."""
+NOISE_SCALE = np.array([1.0, 1.0, 1.0, 1 / 3, 1 / 3, 1 / 3, 0.0])  # per action dim, times DemoSettings.noise
+NOISE_PHASES = ("hover", "lift", "carry")  # free-space motion; grasping and placing run unperturbed
+BURST_ON, BURST_OFF = 10.0, 20.0  # mean steps of a perturbation burst / of the calm between bursts
+
+
+class OUNoise:
+    """DART-style action perturbation in bursts: Ornstein-Uhlenbeck noise (std `std * NOISE_SCALE`,
+    correlation `tau` steps: a drift that lasts, like a learned policy's) during bursts of ~BURST_ON steps
+    separated by ~BURST_OFF calm steps, only in the expert's free-space phases. The calm lets the expert
+    converge (its phase changes are gated on small errors), so the data shows drift *and* the correction."""
+
+    def __init__(self, std: float, tau: float, rng: np.random.Generator):
+        self.decay = float(np.exp(-1.0 / tau))
+        self.scale = std * NOISE_SCALE
+        self.rng = rng
+        self.value = self.rng.standard_normal(len(NOISE_SCALE)) * self.scale
+        self.on = True
+
+    def __call__(self, phase: str) -> np.ndarray:
+        fresh = self.rng.standard_normal(len(NOISE_SCALE)) * self.scale
+        self.value = self.decay * self.value + np.sqrt(1 - self.decay ** 2) * fresh
+        switch = self.rng.random() < (1 / BURST_ON if self.on else 1 / BURST_OFF)
+        self.on = self.on != switch
+        return self.value if self.on and phase in NOISE_PHASES else np.zeros_like(self.value)
+
+
+def _expert_pass(env, policy, init_state: np.ndarray, max_steps: int, noise: OUNoise | None = None
+                 ) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray]:
+    """-> (success, executed actions [T, 7], expert labels [T, 7], sim states [T + 1, D]) from the protocol's
+    start; without `noise` the executed actions are the labels."""
     from tasks import protocol
     from tasks.privileged import privileged_state
 
@@ -132,17 +178,21 @@ def _expert_pass(env, policy, init_state: np.ndarray, max_steps: int) -> tuple[b
     env.set_init_state(init_state)
     for _ in range(protocol.NUM_STEPS_WAIT):
         env.step(protocol.DUMMY_ACTION)
-    states, actions = [env.get_sim_state().copy()], []
+    states, actions, labels = [env.get_sim_state().copy()], [], []
     done = False
     for _ in range(max_steps):
         chunk = policy.infer({"privileged": privileged_state(env.env)})
-        action = chunk.actions[0].astype(np.float64)
-        _, _, done, _ = env.step(action)
-        actions.append(action.astype(np.float32))
+        label = chunk.actions[0].astype(np.float64)
+        action = label if noise is None else np.clip(label + noise(policy.phase), -1.0, 1.0)
+        action = action.astype(np.float32)  # run exactly what is stored, so the replay retraces it bit for bit
+        _, _, done, _ = env.step(action.astype(np.float64))
+        actions.append(action)
+        labels.append(label.astype(np.float32))
         states.append(env.get_sim_state().copy())
         if done:
             break
-    return bool(done), np.asarray(actions, dtype=np.float32), np.asarray(states)
+    return (bool(done), np.asarray(actions, dtype=np.float32), np.asarray(labels, dtype=np.float32),
+            np.asarray(states))
 
 
 def _render_pass(env, seed: int, init_state: np.ndarray, actions: np.ndarray, sim_states: np.ndarray, every: int,
@@ -196,7 +246,7 @@ def record_chunk(suite: str, task_id: int, trials: list[int], settings: dict[str
         cheap = ControlEnv(bddl_file_name=task.bddl_path, has_renderer=False, has_offscreen_renderer=False,
                            use_camera_obs=False, hard_reset=False)
     renderer: LiberoEnv | None = None
-    policy = ExpertPolicy()
+    policy = ExpertPolicy(place_tol=settings.get("place_tolerance", 0.01))
     rows = []
     try:
         for trial in trials:
@@ -204,8 +254,11 @@ def record_chunk(suite: str, task_id: int, trials: list[int], settings: dict[str
             t0 = time.perf_counter()
             cheap.seed(seed)
             policy.reset(f"{suite}/{task_id}/{trial}", seed)
-            success, actions, sim_states = _expert_pass(cheap, policy, registry.init_state(suite, task_id, trial),
-                                                        max_steps)
+            noise = None
+            if settings.get("noise", 0.0) > 0:
+                noise = OUNoise(settings["noise"], settings.get("noise_tau", 5.0), np.random.default_rng([seed, 7]))
+            success, actions, labels, sim_states = _expert_pass(
+                cheap, policy, registry.init_state(suite, task_id, trial), max_steps, noise)
             expert_s = time.perf_counter() - t0
             row = {"suite": suite, "task_id": task_id, "trial": trial,
                    "split": "held_out" if trial in settings["held_out"] else "train", "success": success,
@@ -222,7 +275,7 @@ def record_chunk(suite: str, task_id: int, trials: list[int], settings: dict[str
                 path = Path(out) / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp.npz")
-                np.savez_compressed(tmp, actions=actions, sim_states=sim_states, prompt=np.array(task.language),
+                np.savez_compressed(tmp, actions=actions, labels=labels, sim_states=sim_states, prompt=np.array(task.language),
                                     **frames)
                 os.replace(tmp, path)  # a file is either complete or absent
                 row.update(frames=int(len(frames["frame_steps"])), file=rel,
@@ -300,6 +353,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
 EXAMPLES = """examples:
   libero-eval record-demos --tasks libero_spatial:0,1 --trials 0-49 --held-out 40-49 --out data/demos
   libero-eval record-demos --tasks libero_spatial:0-3,libero_object:0 --every 2 --image-size 112
+  libero-eval record-demos --noise 0.5 --trials 0-39 --held-out none --out data/demos_dart   # recoveries
 
 Rerunning with the same --out resumes (finished episodes are skipped; adding tasks or trials extends the
 dataset). Episodes the expert fails are listed in the manifest and not rendered.
@@ -347,12 +401,20 @@ def add_parser(sub) -> None:
                    help="suite:task ids, several suites comma-separated (default libero_spatial:0,1)")
     p.add_argument("--trials", default="0-49", type=lambda s: _parse_int_list(s, "trial"),
                    help="init-state indices to record per task (default 0-49)")
-    p.add_argument("--held-out", default="40-49", type=lambda s: _parse_int_list(s, "trial"),
-                   help="init-state indices of the held-out split, never trained on (default 40-49)")
+    p.add_argument("--held-out", default="40-49",
+                   type=lambda s: [] if s.strip().lower() in ("", "none") else _parse_int_list(s, "trial"),
+                   help="init-state indices of the held-out split, never trained on (default 40-49; 'none')")
     p.add_argument("--image-size", default=112, type=_positive,
                    help="stored image size: the vision input of the model to train (default 112)")
     p.add_argument("--every", default=1, type=_positive, help="render an observation every N steps (default 1)")
     p.add_argument("--max-steps", default=None, type=_positive, help="expert step cap (default: the protocol's)")
+    p.add_argument("--noise", default=0.0, type=float,
+                   help="DART-style perturbation of the executed actions, std in action units (0: clean demos; "
+                        "0.5 gives recoveries the expert still completes ~90%% of the time)")
+    p.add_argument("--noise-tau", default=5.0, type=float, help="correlation time of the perturbation, steps (default 5)")
+    p.add_argument("--place-tolerance", default=0.01, type=float,
+                   help="the expert's xy gate (metres) before it lowers the object onto the target (default 0.01; "
+                        "a looser gate, e.g. 0.03, is easier for a learned policy to imitate)")
     p.add_argument("--workers", default=2, type=_positive, help="parallel processes (default 2)")
     p.add_argument("--out", default="data/demos", help="dataset directory (default data/demos)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -363,7 +425,8 @@ def run(args) -> int:
     held_out = list(range(50)) if args.held_out == "all" else args.held_out
     try:
         settings = DemoSettings(tasks=args.tasks, trials=trials, held_out=held_out, image_size=args.image_size,
-                                every=args.every, max_steps=args.max_steps)
+                                every=args.every, max_steps=args.max_steps, noise=args.noise,
+                                noise_tau=args.noise_tau, place_tolerance=args.place_tolerance)
         t0 = time.perf_counter()
         rows = record_demos(settings, args.out, workers=args.workers, progress=not args.no_progress)
     except (DemoError, ValueError) as exc:

@@ -22,6 +22,15 @@ def recorded(tmp_path_factory):
     return out, rows
 
 
+@pytest.fixture(scope="module")
+def recorded_dart(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demos_dart")
+    settings = DemoSettings(tasks={"libero_spatial": [0]}, trials=[3], held_out=[], image_size=112, every=50,
+                            noise=0.5)
+    rows = record_chunk("libero_spatial", 0, [3], settings.to_dict(), str(out))
+    return out, rows
+
+
 def test_recorded_episode_has_the_documented_arrays(recorded):
     out, rows = recorded
     (row,) = rows
@@ -38,6 +47,31 @@ def test_recorded_episode_has_the_documented_arrays(recorded):
         assert z["images"].dtype == np.uint8 and z["images"].std() > 10  # a real scene, not a blank frame
         assert z["states"].shape == (f, 8)
         assert str(z["prompt"]) == registry.get_task("libero_spatial", 0).language
+        np.testing.assert_array_equal(z["labels"], z["actions"])  # no perturbation: the labels are what ran
+
+
+def test_dart_episode_runs_perturbed_actions_and_labels_the_experts(recorded_dart):
+    """With --noise the executed actions differ from the expert's labels in bursts; the replay of the
+    executed actions still retraces the expert pass exactly, so images and labels belong together."""
+    out, (row,) = recorded_dart
+    assert row["success"] and row["replay_drift"] == 0.0
+    with np.load(out / row["file"]) as z:
+        diff = np.abs(z["actions"] - z["labels"])
+    assert diff[:, :3].max() > 0.1  # perturbed ...
+    assert (diff[:, :3].max(axis=1) == 0).mean() > 0.3  # ... in bursts, with calm (and grasping) in between
+    np.testing.assert_array_equal(diff[:, 6], 0.0)  # never the gripper
+
+
+def test_dart_noise_is_seeded_bursty_and_limited_to_free_space_phases():
+    a = demos.OUNoise(0.5, 5.0, np.random.default_rng([1, 7]))
+    b = demos.OUNoise(0.5, 5.0, np.random.default_rng([1, 7]))
+    seq_a = np.array([a("hover") for _ in range(400)])
+    np.testing.assert_array_equal(seq_a, [b("hover") for _ in range(400)])
+    on = np.abs(seq_a).max(axis=1) > 0
+    assert 0.15 < on.mean() < 0.6  # bursts of ~10 steps, calm of ~20
+    assert seq_a[on, :3].std() == pytest.approx(0.5, rel=0.35)
+    np.testing.assert_array_equal(seq_a[:, 6], 0.0)
+    assert all(not np.any(a(phase)) for phase in ("descend", "close", "lower", "release", "retreat") for _ in range(50))
 
 
 def test_rerendered_observations_equal_the_closed_loop_ones(recorded, spatial_env):
@@ -85,9 +119,18 @@ def test_a_dataset_refuses_other_recording_settings(tmp_path):
     with pytest.raises(DemoError, match="image_size: recorded 112, now 64"):
         demos._prepare_out(tmp_path, DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[],
                                                   image_size=64))
+    with pytest.raises(DemoError, match="place_tolerance: recorded 0.01, now 0.03"):
+        demos._prepare_out(tmp_path, DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[],
+                                                  place_tolerance=0.03))
+    with pytest.raises(DemoError, match="noise: recorded 0.0, now 0.5"):
+        demos._prepare_out(tmp_path, DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[], noise=0.5))
 
 
 def test_bad_recording_arguments_fail_early():
+    with pytest.raises(DemoError, match="noise must be in \\[0, 1\\]"):
+        DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[], noise=2.0)
+    with pytest.raises(DemoError, match="place_tolerance must be in"):
+        DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[], place_tolerance=0.5)
     with pytest.raises(DemoError, match="held-out trials \\[7\\] are not among"):
         DemoSettings(tasks={"libero_spatial": [0]}, trials=[0, 1], held_out=[7])
     with pytest.raises(ValueError, match="libero_nope"):

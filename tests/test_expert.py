@@ -81,3 +81,6 @@ def test_expert_variant_validation_and_inputs():
     assert policy_inputs("expert") == (False, True)
     assert policy_inputs("none") == (True, False)
     assert isinstance(make_policy("expert"), ExpertPolicy)
+    assert make_policy("expert", place_tol=0.03).params.place_tol == 0.03  # record-demos --place-tolerance
+    with pytest.raises(PolicySpecError, match="place_tol must be > 0"):
+        validate_variant(PolicyVariant.make("expert", "expert", {"place_tol": 0.0}))

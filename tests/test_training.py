@@ -10,12 +10,12 @@ import torch
 from libero_eval.demos import DATASET_FILE, MANIFEST_FILE
 from policies.pi05.configuration import small
 from policies.pi05.policy import Pi05Policy
-from policies.pi05.training import (TrainError, TrainSettings, flow_matching_loss, load_demos, quantile_stats,
-                                    read_metrics, train)
+from policies.pi05.training import (TrainError, TrainSettings, flow_matching_loss, init_from_checkpoint,
+                                    load_datasets, load_demos, quantile_stats, read_metrics, train)
 from tests.pi05_helpers import one_thread  # noqa: F401  (fixture)
 
 
-def write_dataset(root, episodes=2, frames=6, size=112, held_out=1, seed=0):
+def write_dataset(root, episodes=2, frames=6, size=112, held_out=1, seed=0, labels=False):
     """A dataset in the record-demos format with synthetic content (images encode the episode)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -29,7 +29,8 @@ def write_dataset(root, episodes=2, frames=6, size=112, held_out=1, seed=0):
         actions[:, 6] = np.sign(actions[:, 6])
         rel = f"libero_spatial/task00/trial{k:02d}.npz"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(root / rel, actions=actions, sim_states=np.zeros((steps + 1, 4)),
+        extra = {"labels": np.clip(actions + 0.5, -1, 1)} if labels else {}  # DART: labels differ from what ran
+        np.savez_compressed(root / rel, actions=actions, sim_states=np.zeros((steps + 1, 4)), **extra,
                             frame_steps=np.arange(frames, dtype=np.int32),
                             images=rng.integers(0, 255, (frames, size, size, 3), dtype=np.uint8),
                             wrist_images=rng.integers(0, 255, (frames, size, size, 3), dtype=np.uint8),
@@ -55,6 +56,25 @@ def test_load_demos_builds_chunks_held_still_past_the_end(tmp_path):
     np.testing.assert_array_equal(last[4:, 6], acts[-1, 6])
     with pytest.raises(TrainError, match="have 112 px images; the model takes 64 px"):
         load_demos(root, "train", horizon=10, image_size=64)
+
+
+def test_dart_demos_train_on_the_expert_labels_and_datasets_concatenate(tmp_path):
+    clean = write_dataset(tmp_path / "clean", episodes=2, frames=6)
+    dart = write_dataset(tmp_path / "dart", episodes=3, frames=5, held_out=0, seed=1, labels=True)
+    samples = load_demos(dart, "train", horizon=10, image_size=112)
+    with np.load(dart / "libero_spatial/task00/trial00.npz") as z:
+        labels, ran = z["labels"], z["actions"]
+    assert not np.array_equal(labels, ran)
+    np.testing.assert_array_equal(samples.chunks[0, :8], labels[:8])  # targets: what the expert wanted
+    np.testing.assert_array_equal(samples.all_actions[: len(labels)], labels)  # norm stats: the same
+
+    both = load_datasets(f"{clean}, {dart}", "train", horizon=10, image_size=112)
+    assert len(both) == 6 + 15 and both.episodes == 1 + 3 and len(both.prompts) == len(both)
+    assert both.images.shape[0] == both.chunks.shape[0] == both.states.shape[0] == 21
+    held = load_datasets(f"{clean},{dart}", "held_out", horizon=10, image_size=112)  # only clean has held-out
+    assert held.episodes == 1
+    with pytest.raises(TrainError, match="no demo dataset given"):
+        load_datasets(" , ", "train", horizon=10, image_size=112)
 
 
 def test_quantile_stats_widen_constant_dimensions():
@@ -122,6 +142,28 @@ def test_train_exports_a_loadable_checkpoint_and_resumes(tmp_path, one_thread):
 
     with pytest.raises(TrainError, match="preset='small'"):
         train(TrainSettings(**{**s.__dict__, "preset": "tiny", "steps": 6}), progress=False)
+
+    # fine-tuning: --init starts from the checkpoint's weights; the norm stats are the demos' own
+    from policies.pi05.modeling import Pi05Model
+
+    fresh = Pi05Model(small()).init_random_weights(5)
+    init_from_checkpoint(fresh, str(out / "checkpoint"))
+    exported = Pi05Policy.from_checkpoint(out / "checkpoint").model.state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in fresh.state_dict().items())
+    other = write_dataset(tmp_path / "d2", episodes=3, frames=4, seed=3)
+    ft = train(TrainSettings(demos=str(other), out=str(tmp_path / "ft"), init=str(out / "checkpoint"), steps=1,
+                             batch_size=2, log_every=1, eval_every=1, save_every=1, lr=1e-12, warmup=1, ema=0.0),
+               progress=False)
+    assert ft["step"] == 1
+    tuned = torch.load(tmp_path / "ft" / "train_state.pt", weights_only=False)
+    name = "paligemma_with_expert.gemma_expert.model.layers.0.mlp.down_proj.weight"
+    torch.testing.assert_close(tuned["model"][name], exported[name], atol=1e-8, rtol=0)  # lr ~0: still the init
+    assert not np.allclose(tuned["norm"]["actions"]["q99"], state["norm"]["actions"]["q99"])  # d2's stats
+    with pytest.raises(TrainError, match="--init .*not the 'tiny' preset"):
+        train(TrainSettings(demos=str(root), out=str(tmp_path / "ft2"), init=str(out / "checkpoint"), preset="tiny",
+                            steps=1), progress=False)
+    with pytest.raises(TrainError, match="not a loadable checkpoint"):
+        train(TrainSettings(demos=str(root), out=str(tmp_path / "ft3"), init=str(tmp_path), steps=1), progress=False)
 
 
 def test_the_shipped_small_checkpoint_loads_and_acts(one_thread):

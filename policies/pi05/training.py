@@ -11,6 +11,9 @@ noise/time draws then share that prefix K/V (the suffix attends to the prefix, n
 the same loss as one joint forward, at a fraction of the cost). Every cache path applies to the result
 unchanged because the model is the same `Pi05Model`.
 
+Targets are the demos' `labels` (the expert's own actions; in DART demos the executed actions differ).
+`--demos` takes several datasets; `--init DIR` fine-tunes from a checkpoint's weights.
+
 Outputs in --out:
   train_state.pt      model, EMA weights, optimiser, step, RNG: `libero-eval train` with the same --out resumes
   checkpoint/         the EMA weights as a loadable checkpoint directory (model.safetensors, pi05_config.json,
@@ -50,8 +53,9 @@ class TrainError(ValueError):
 
 @dataclasses.dataclass
 class TrainSettings:
-    demos: str
+    demos: str  # one dataset directory, or several comma-separated (e.g. clean + DART demos)
     out: str
+    init: str | None = None  # start from this checkpoint directory's weights (fine-tuning; norm stats: the demos')
     preset: str = "small"
     steps: int = 3000
     batch_size: int = 32
@@ -88,7 +92,7 @@ class DemoSamples:
 
     images: torch.Tensor  # [N, 2, S, S, 3] uint8 (agentview, wrist)
     states: np.ndarray  # [N, 8] float32 raw
-    chunks: np.ndarray  # [N, H, 7] float32 raw actions from the frame's step on (held still past the end)
+    chunks: np.ndarray  # [N, H, 7] float32 raw expert actions from the frame's step on (held still past the end)
     prompts: list[str]  # per sample
     all_actions: np.ndarray  # [M, 7] every recorded action (norm stats)
     episodes: int
@@ -112,7 +116,8 @@ def load_demos(root: str | Path, split: str, horizon: int, image_size: int) -> D
     images, states, chunks, prompts, actions = [], [], [], [], []
     for row in rows:
         with np.load(root / row["file"]) as z:
-            acts = z["actions"]
+            # the expert's own actions are the targets; `actions` (what ran) differ from them in DART demos
+            acts = z["labels"] if "labels" in z.files else z["actions"]
             steps = z["frame_steps"]
             hold = np.zeros((horizon, acts.shape[1]), dtype=np.float32)
             hold[:, -1] = acts[-1, -1]  # past the end: stay, gripper as it was
@@ -127,6 +132,45 @@ def load_demos(root: str | Path, split: str, horizon: int, image_size: int) -> D
     return DemoSamples(images=torch.from_numpy(np.concatenate(images)), states=np.concatenate(states),
                        chunks=np.concatenate(chunks).astype(np.float32), prompts=prompts,
                        all_actions=np.concatenate(actions), episodes=len(rows))
+
+
+def load_datasets(demos: str, split: str, horizon: int, image_size: int) -> DemoSamples:
+    """`load_demos` over one or several comma-separated dataset directories, concatenated."""
+    roots = [d.strip() for d in demos.split(",") if d.strip()]
+    if not roots:
+        raise TrainError("no demo dataset given (--demos DIR[,DIR...])")
+    parts = []
+    for root in roots:
+        try:
+            parts.append(load_demos(root, split, horizon, image_size))
+        except TrainError as exc:
+            if split == "train" or "no kept" not in str(exc):
+                raise
+    if not parts:
+        raise TrainError(f"no kept {split!r} episodes in {', '.join(roots)}")
+    if len(parts) == 1:
+        return parts[0]
+    return DemoSamples(images=torch.cat([p.images for p in parts]), states=np.concatenate([p.states for p in parts]),
+                       chunks=np.concatenate([p.chunks for p in parts]), prompts=sum((p.prompts for p in parts), []),
+                       all_actions=np.concatenate([p.all_actions for p in parts]),
+                       episodes=sum(p.episodes for p in parts))
+
+
+def init_from_checkpoint(model: Pi05Model, directory: str) -> None:
+    """Load a checkpoint directory's weights into `model` (same architecture). Norm stats are not taken
+    over: they come from the demos being trained on, as always (DART demos widen the rotation dimensions'
+    range several-fold; the old stats would put their labels at +-30 and the loss at ~6)."""
+    from policies.pi05.policy import Pi05Policy
+
+    try:
+        source = Pi05Policy.from_checkpoint(directory, dtype="float32")
+    except Exception as exc:
+        raise TrainError(f"--init {directory}: not a loadable checkpoint directory ({exc})") from exc
+    try:
+        model.load_state_dict(source.model.state_dict())
+    except RuntimeError as exc:
+        raise TrainError(f"--init {directory}: its model is not the {model.config.name!r} preset being trained "
+                         f"({str(exc).splitlines()[0]})") from exc
 
 
 def quantile_stats(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -262,15 +306,19 @@ def train(s: TrainSettings, progress: bool = True) -> dict[str, Any]:
     state_path = out / STATE_FILE
     resume = torch.load(state_path, weights_only=False) if state_path.is_file() else None
     if resume is not None:
-        for key in ("preset", "demos"):
-            if resume["settings"][key] != getattr(s, key):
-                raise TrainError(f"{out} holds a run with {key}={resume['settings'][key]!r}, not {getattr(s, key)!r}; "
+        for key in ("preset", "demos", "init"):
+            if resume["settings"].get(key) != getattr(s, key):
+                raise TrainError(f"{out} holds a run with {key}={resume['settings'].get(key)!r}, not {getattr(s, key)!r}; "
                                  "use another --out to start a new one")
 
+    model = Pi05Model(config).init_random_weights(s.seed)
+    if s.init and not resume:
+        init_from_checkpoint(model, s.init)  # before the data loads: a bad --init fails fast
+
     t_load = time.perf_counter()
-    train_set = load_demos(s.demos, "train", config.action_horizon, config.vision.image_size)
+    train_set = load_datasets(s.demos, "train", config.action_horizon, config.vision.image_size)
     try:
-        val_set = load_demos(s.demos, "held_out", config.action_horizon, config.vision.image_size)
+        val_set = load_datasets(s.demos, "held_out", config.action_horizon, config.vision.image_size)
     except TrainError:
         val_set = None
     norm = resume["norm"] if resume else {"state": quantile_stats(train_set.states),
@@ -282,7 +330,6 @@ def train(s: TrainSettings, progress: bool = True) -> dict[str, Any]:
     logger.info("demos: %d train frames (%d episodes), %d held-out frames; loaded in %.1f s", len(train_set),
                 train_set.episodes, len(val_set) if val_set else 0, time.perf_counter() - t_load)
 
-    model = Pi05Model(config).init_random_weights(s.seed)
     ema = Pi05Model(config)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(s.seed)
@@ -391,6 +438,7 @@ def plot_curve(out: str | Path) -> Path | None:
 EXAMPLES = """examples:
   libero-eval train --demos data/demos --out runs/train_small --steps 3000
   libero-eval train --demos data/demos --out runs/train_small --steps 5000   # resumes, trains on to 5000
+  libero-eval train --demos data/demos,data/demos_dart --init runs/train_small/checkpoint --out runs/ft --steps 2000
 
 Rerunning with the same --out resumes from train_state.pt (saved every --save-every steps and at the end;
 Ctrl-C loses at most that many steps). The EMA weights are exported to <out>/checkpoint after every save.
@@ -405,7 +453,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a small Pi0.5 on recorded demos (flow matching, CPU)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TrainSettings(demos="", out="")
-    p.add_argument("--demos", default="data/demos", help="dataset made by `libero-eval record-demos`")
+    p.add_argument("--demos", default="data/demos",
+                   help="dataset(s) made by `libero-eval record-demos`, comma-separated (default data/demos)")
+    p.add_argument("--init", default=None,
+                   help="fine-tune: start from this checkpoint directory's weights (norm stats come from --demos)")
     p.add_argument("--out", default="runs/train_small", help="training directory (default runs/train_small)")
     p.add_argument("--preset", default=d.preset, help=f"Pi05Config preset to train (default {d.preset})")
     p.add_argument("--steps", default=d.steps, type=_positive, help=f"total optimiser steps (default {d.steps})")
@@ -423,7 +474,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     try:
-        settings = TrainSettings(demos=args.demos, out=args.out, preset=args.preset, steps=args.steps,
+        settings = TrainSettings(demos=args.demos, out=args.out, init=args.init, preset=args.preset, steps=args.steps,
                                  batch_size=args.batch_size, noise_per_obs=args.noise_per_obs, lr=args.lr,
                                  ema=args.ema, eval_every=args.eval_every, save_every=args.save_every,
                                  seed=args.seed, threads=args.threads)
