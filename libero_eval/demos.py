@@ -13,7 +13,8 @@ On-disk format (documented in README "Demonstrations"):
                                 recording must use the same ones
   <out>/manifest.jsonl          one line per finished episode (kept or not): suite, task_id, trial, split
                                 ("train" | "held_out" by init-state index), success, steps, frames, file,
-                                replay_drift (max abs sim-state difference of the rendering replay: 0)
+                                replay_drift (max abs sim-state difference of the rendering replay: 0;
+                                above MAX_REPLAY_DRIFT the episode is not kept, `dropped` says why)
   <out>/<suite>/task<NN>/trial<NN>.npz, kept episodes only:
       actions       float32 [T, 7]     the executed actions after the settle steps (the expert's, plus the
                                        perturbation when recorded with --noise)
@@ -45,6 +46,10 @@ import numpy as np
 logger = logging.getLogger("libero_eval.demos")
 
 DATASET_FILE = "dataset.json"
+# max |sim state difference| between the rendering replay and the expert pass for a kept episode; the replay
+# is deterministic, so anything above float noise means the images and the labels have parted (contacts
+# amplify a 1e-7 action difference into centimetres: seen before actions were cast to float32 first)
+MAX_REPLAY_DRIFT = 1e-6
 MANIFEST_FILE = "manifest.jsonl"
 
 
@@ -271,6 +276,11 @@ def record_chunk(suite: str, task_id: int, trials: list[int], settings: dict[str
                 frames, drift = _render_pass(renderer, seed, registry.init_state(suite, task_id, trial), actions,
                                              sim_states, settings["every"], settings["image_size"])
                 row["replay_drift"] = drift
+                if drift > MAX_REPLAY_DRIFT:  # the images would not show the states the labels belong to
+                    row["dropped"] = f"replay drifted {drift:.3g} from the expert pass (> {MAX_REPLAY_DRIFT})"
+                    logger.warning("%s/%s/%s not kept: %s", suite, task_id, trial, row["dropped"])
+                    rows.append(row)
+                    continue
                 rel = episode_file(suite, task_id, trial)
                 path = Path(out) / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +338,7 @@ def record_demos(settings: DemoSettings, out: str | Path, workers: int = 2, chun
                     manifest.flush()
                     rows.append(row)
                     bar.update(1)
-                    bar.set_postfix(kept=sum(r["success"] for r in rows))
+                    bar.set_postfix(kept=sum(bool(r["success"] and r["file"]) for r in rows))
     bar.close()
     return rows
 
@@ -340,7 +350,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     keys = sorted({(r["suite"], r["task_id"], r["split"]) for r in rows})
     for suite, task_id, split in keys:
         sel = [r for r in rows if (r["suite"], r["task_id"], r["split"]) == (suite, task_id, split)]
-        kept = [r for r in sel if r["success"]]
+        kept = [r for r in sel if r["success"] and r["file"]]
         lines.append(f"{suite:<16}{task_id:>5}{split:>10}{len(sel):>10}{len(kept):>6}"
                      f"{sum(r['frames'] for r in kept):>8}{np.mean([r['steps'] for r in kept] or [0]):>7.0f}"
                      f"{sum(r['expert_s'] for r in sel):>10.1f}{sum(r['render_s'] for r in sel):>10.1f}")
@@ -433,6 +443,6 @@ def run(args) -> int:
         print(f"error: {exc}")
         return 2
     print(summarize(rows))
-    print(f"\n{sum(r['success'] for r in rows)}/{len(rows)} episodes kept in {args.out} "
+    print(f"\n{sum(bool(r['success'] and r['file']) for r in rows)}/{len(rows)} episodes kept in {args.out} "
           f"({time.perf_counter() - t0:.0f} s this run)")
     return 0

@@ -62,6 +62,26 @@ def test_dart_episode_runs_perturbed_actions_and_labels_the_experts(recorded_dar
     np.testing.assert_array_equal(diff[:, 6], 0.0)  # never the gripper
 
 
+def test_an_episode_whose_replay_drifts_is_listed_but_not_kept(tmp_path, monkeypatch):
+    """Images must show the states the labels were computed on: a replay that parts from the expert pass
+    (a contact amplifying a rounding difference) drops the episode, with the reason in the manifest."""
+    def fake_expert_pass(env, policy, init_state, max_steps, noise=None):
+        acts = np.zeros((4, 7), np.float32)
+        return True, acts, acts, np.zeros((5, 3))
+
+    def fake_render_pass(env, seed, init_state, actions, sim_states, every, size):
+        return {}, 0.25
+
+    monkeypatch.setattr(demos, "_expert_pass", fake_expert_pass)
+    monkeypatch.setattr(demos, "_render_pass", fake_render_pass)
+    settings = DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[], every=2)
+    (row,) = record_chunk("libero_spatial", 0, [0], settings.to_dict(), str(tmp_path))
+    assert row["success"] and row["file"] is None and row["replay_drift"] == 0.25
+    assert "replay drifted 0.25" in row["dropped"]
+    assert not list(tmp_path.rglob("*.npz"))
+    assert demos.summarize([row]).splitlines()[1].split()[3:5] == ["1", "0"]  # 1 episode, 0 kept
+
+
 def test_dart_noise_is_seeded_bursty_and_limited_to_free_space_phases():
     a = demos.OUNoise(0.5, 5.0, np.random.default_rng([1, 7]))
     b = demos.OUNoise(0.5, 5.0, np.random.default_rng([1, 7]))
