@@ -101,6 +101,11 @@ class DemoSettings:
         return dataclasses.asdict(self)
 
 
+def is_kept(row: dict[str, Any]) -> bool:
+    """A manifest row whose episode is in the dataset (the expert succeeded and the replay was exact)."""
+    return bool(row["success"] and row["file"])
+
+
 def episode_file(suite: str, task_id: int, trial: int) -> str:
     return f"{suite}/task{task_id:02d}/trial{trial:02d}.npz"
 
@@ -125,7 +130,7 @@ def _prepare_out(out: Path, settings: DemoSettings) -> None:
     wanted = settings.to_dict()
     if path.is_file():
         have = json.loads(path.read_text())
-        defaults = {"noise": 0.0, "noise_tau": 5.0, "place_tolerance": 0.01}  # datasets older than the options
+        defaults = {f.name: f.default for f in dataclasses.fields(DemoSettings)}  # datasets older than an option
         diffs = [f"{k}: recorded {have.get(k, defaults.get(k))!r}, now {wanted[k]!r}"
                  for k in ("image_size", "every", "max_steps", "noise", "noise_tau", "place_tolerance")
                  if have.get(k, defaults.get(k)) != wanted[k]]
@@ -251,7 +256,7 @@ def record_chunk(suite: str, task_id: int, trials: list[int], settings: dict[str
         cheap = ControlEnv(bddl_file_name=task.bddl_path, has_renderer=False, has_offscreen_renderer=False,
                            use_camera_obs=False, hard_reset=False)
     renderer: LiberoEnv | None = None
-    policy = ExpertPolicy(place_tol=settings.get("place_tolerance", 0.01))
+    policy = ExpertPolicy(place_tol=settings["place_tolerance"])
     rows = []
     try:
         for trial in trials:
@@ -260,8 +265,8 @@ def record_chunk(suite: str, task_id: int, trials: list[int], settings: dict[str
             cheap.seed(seed)
             policy.reset(f"{suite}/{task_id}/{trial}", seed)
             noise = None
-            if settings.get("noise", 0.0) > 0:
-                noise = OUNoise(settings["noise"], settings.get("noise_tau", 5.0), np.random.default_rng([seed, 7]))
+            if settings["noise"] > 0:
+                noise = OUNoise(settings["noise"], settings["noise_tau"], np.random.default_rng([seed, 7]))
             success, actions, labels, sim_states = _expert_pass(
                 cheap, policy, registry.init_state(suite, task_id, trial), max_steps, noise)
             expert_s = time.perf_counter() - t0
@@ -338,7 +343,7 @@ def record_demos(settings: DemoSettings, out: str | Path, workers: int = 2, chun
                     manifest.flush()
                     rows.append(row)
                     bar.update(1)
-                    bar.set_postfix(kept=sum(bool(r["success"] and r["file"]) for r in rows))
+                    bar.set_postfix(kept=sum(map(is_kept, rows)))
     bar.close()
     return rows
 
@@ -350,7 +355,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     keys = sorted({(r["suite"], r["task_id"], r["split"]) for r in rows})
     for suite, task_id, split in keys:
         sel = [r for r in rows if (r["suite"], r["task_id"], r["split"]) == (suite, task_id, split)]
-        kept = [r for r in sel if r["success"] and r["file"]]
+        kept = [r for r in sel if is_kept(r)]
         lines.append(f"{suite:<16}{task_id:>5}{split:>10}{len(sel):>10}{len(kept):>6}"
                      f"{sum(r['frames'] for r in kept):>8}{np.mean([r['steps'] for r in kept] or [0]):>7.0f}"
                      f"{sum(r['expert_s'] for r in sel):>10.1f}{sum(r['render_s'] for r in sel):>10.1f}")
@@ -443,6 +448,6 @@ def run(args) -> int:
         print(f"error: {exc}")
         return 2
     print(summarize(rows))
-    print(f"\n{sum(bool(r['success'] and r['file']) for r in rows)}/{len(rows)} episodes kept in {args.out} "
+    print(f"\n{sum(map(is_kept, rows))}/{len(rows)} episodes kept in {args.out} "
           f"({time.perf_counter() - t0:.0f} s this run)")
     return 0

@@ -51,6 +51,10 @@ class TrainError(ValueError):
     """Bad training arguments or data (no demos, a resume with another model)."""
 
 
+class NoEpisodes(TrainError):
+    """A dataset has no kept episode in the requested split."""
+
+
 @dataclasses.dataclass
 class TrainSettings:
     demos: str  # one dataset directory, or several comma-separated (e.g. clean + DART demos)
@@ -102,7 +106,7 @@ class DemoSamples:
 
 
 def load_demos(root: str | Path, split: str, horizon: int, image_size: int) -> DemoSamples:
-    from libero_eval.demos import DATASET_FILE, read_manifest
+    from libero_eval.demos import DATASET_FILE, is_kept, read_manifest
 
     root = Path(root)
     if not (root / DATASET_FILE).is_file():
@@ -112,7 +116,7 @@ def load_demos(root: str | Path, split: str, horizon: int, image_size: int) -> D
     if meta["image_size"] != image_size:
         raise TrainError(f"demos in {root} have {meta['image_size']} px images; the model takes {image_size} px "
                          f"(record with --image-size {image_size})")
-    rows = [r for r in read_manifest(root) if r["success"] and r["split"] == split and r["file"]]
+    rows = [r for r in read_manifest(root) if is_kept(r) and r["split"] == split]
     images, states, chunks, prompts, actions = [], [], [], [], []
     for row in rows:
         with np.load(root / row["file"]) as z:
@@ -128,7 +132,7 @@ def load_demos(root: str | Path, split: str, horizon: int, image_size: int) -> D
             prompts += [str(z["prompt"])] * len(steps)
             actions.append(acts)
     if not rows:
-        raise TrainError(f"no kept {split!r} episodes in {root}")
+        raise NoEpisodes(f"no kept {split!r} episodes in {root}")
     return DemoSamples(images=torch.from_numpy(np.concatenate(images)), states=np.concatenate(states),
                        chunks=np.concatenate(chunks).astype(np.float32), prompts=prompts,
                        all_actions=np.concatenate(actions), episodes=len(rows))
@@ -143,11 +147,11 @@ def load_datasets(demos: str, split: str, horizon: int, image_size: int) -> Demo
     for root in roots:
         try:
             parts.append(load_demos(root, split, horizon, image_size))
-        except TrainError as exc:
-            if split == "train" or "no kept" not in str(exc):
+        except NoEpisodes:
+            if split == "train":
                 raise
     if not parts:
-        raise TrainError(f"no kept {split!r} episodes in {', '.join(roots)}")
+        raise NoEpisodes(f"no kept {split!r} episodes in {', '.join(roots)}")
     if len(parts) == 1:
         return parts[0]
     return DemoSamples(images=torch.cat([p.images for p in parts]), states=np.concatenate([p.states for p in parts]),
@@ -319,7 +323,7 @@ def train(s: TrainSettings, progress: bool = True) -> dict[str, Any]:
     train_set = load_datasets(s.demos, "train", config.action_horizon, config.vision.image_size)
     try:
         val_set = load_datasets(s.demos, "held_out", config.action_horizon, config.vision.image_size)
-    except TrainError:
+    except NoEpisodes:
         val_set = None
     norm = resume["norm"] if resume else {"state": quantile_stats(train_set.states),
                                           "actions": quantile_stats(train_set.all_actions)}
