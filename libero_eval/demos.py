@@ -70,6 +70,7 @@ class DemoSettings:
     # the data shows how to recover from the drift a learned policy makes
     noise: float = 0.0
     noise_tau: float = 5.0
+    noise_seed: int = 7  # the perturbation's stream per episode is seeded by (episode seed, noise_seed)
     place_tolerance: float = 0.01  # the expert's carry -> lower gate (ExpertParams.place_tol), metres
 
     def __post_init__(self) -> None:
@@ -88,6 +89,8 @@ class DemoSettings:
             raise DemoError(f"noise must be in [0, 1] (action units), got {self.noise}")
         if self.noise_tau <= 0:
             raise DemoError(f"noise_tau must be > 0 steps, got {self.noise_tau}")
+        if self.noise_seed < 0:
+            raise DemoError(f"noise_seed must be >= 0, got {self.noise_seed}")
         if not 0 < self.place_tolerance <= 0.1:
             raise DemoError(f"place_tolerance must be in (0, 0.1] metres, got {self.place_tolerance}")
         stray = sorted(set(self.held_out) - set(self.trials))
@@ -132,7 +135,8 @@ def _prepare_out(out: Path, settings: DemoSettings) -> None:
         have = json.loads(path.read_text())
         defaults = {f.name: f.default for f in dataclasses.fields(DemoSettings)}  # datasets older than an option
         diffs = [f"{k}: recorded {have.get(k, defaults.get(k))!r}, now {wanted[k]!r}"
-                 for k in ("image_size", "every", "max_steps", "noise", "noise_tau", "place_tolerance")
+                 for k in ("image_size", "every", "max_steps", "noise", "noise_tau", "noise_seed",
+                           "place_tolerance")
                  if have.get(k, defaults.get(k)) != wanted[k]]
         if diffs:
             raise DemoError(f"{out} holds demos recorded with other settings ({'; '.join(diffs)}); "
@@ -182,9 +186,11 @@ def _expert_pass(env, policy, init_state: np.ndarray, max_steps: int, noise: OUN
     """-> (success, executed actions [T, 7], expert labels [T, 7], sim states [T + 1, D]) from the protocol's
     start; without `noise` the executed actions are the labels."""
     from tasks import protocol
+    from tasks.env import clear_gripper_commands
     from tasks.privileged import privileged_state
 
     env.reset()
+    clear_gripper_commands(env.env)
     env.set_init_state(init_state)
     for _ in range(protocol.NUM_STEPS_WAIT):
         env.step(protocol.DUMMY_ACTION)
@@ -266,7 +272,8 @@ def record_chunk(suite: str, task_id: int, trials: list[int], settings: dict[str
             policy.reset(f"{suite}/{task_id}/{trial}", seed)
             noise = None
             if settings["noise"] > 0:
-                noise = OUNoise(settings["noise"], settings["noise_tau"], np.random.default_rng([seed, 7]))
+                rng = np.random.default_rng([seed, settings["noise_seed"]])
+                noise = OUNoise(settings["noise"], settings["noise_tau"], rng)
             success, actions, labels, sim_states = _expert_pass(
                 cheap, policy, registry.init_state(suite, task_id, trial), max_steps, noise)
             expert_s = time.perf_counter() - t0
@@ -427,6 +434,9 @@ def add_parser(sub) -> None:
                    help="DART-style perturbation of the executed actions, std in action units (0: clean demos; "
                         "0.5 gives recoveries the expert still completes ~90%% of the time)")
     p.add_argument("--noise-tau", default=5.0, type=float, help="correlation time of the perturbation, steps (default 5)")
+    p.add_argument("--noise-seed", default=7, type=int,
+                   help="seed of the perturbation (with each episode's seed); another value records other "
+                        "recoveries from the same init states (default 7)")
     p.add_argument("--place-tolerance", default=0.01, type=float,
                    help="the expert's xy gate (metres) before it lowers the object onto the target (default 0.01; "
                         "a looser gate, e.g. 0.03, is easier for a learned policy to imitate)")
@@ -441,7 +451,8 @@ def run(args) -> int:
     try:
         settings = DemoSettings(tasks=args.tasks, trials=trials, held_out=held_out, image_size=args.image_size,
                                 every=args.every, max_steps=args.max_steps, noise=args.noise,
-                                noise_tau=args.noise_tau, place_tolerance=args.place_tolerance)
+                                noise_tau=args.noise_tau, noise_seed=args.noise_seed,
+                                place_tolerance=args.place_tolerance)
         t0 = time.perf_counter()
         rows = record_demos(settings, args.out, workers=args.workers, progress=not args.no_progress)
     except (DemoError, ValueError) as exc:

@@ -109,6 +109,21 @@ def _replay_clock(observable, n_updates: int, timestep: float) -> list[int]:
     return events
 
 
+def clear_gripper_commands(robosuite_env) -> None:
+    """Start a soft-reset episode like a hard-reset one, whatever the previous episode did.
+
+    robosuite's gripper models integrate their command (PandaGripper.current_action moves 0.01 per physics
+    substep toward -1 or +1) and nothing resets it but rebuilding the model, which a hard reset does. After a
+    soft reset (hard_reset=False) an episode that follows one ending with a closed gripper settles
+    differently from one that follows an open one (measured: the robot's joints differ by up to 3e-5 after
+    the settle steps, the fingers by 3e-3), so the same actions no longer give the same episode.
+    """
+    for robot in robosuite_env.robots:
+        gripper = getattr(robot, "gripper", None)
+        if gripper is not None and hasattr(gripper, "current_action"):
+            gripper.current_action = np.zeros_like(gripper.current_action)
+
+
 class LiberoEnv:
     """One LIBERO task's env (OffScreenRenderEnv, agentview + wrist cameras), reused across trials."""
 
@@ -153,6 +168,7 @@ class LiberoEnv:
         self._in_reset = True
         try:
             self._env.reset()
+            clear_gripper_commands(self._robosuite)
             self._wrap_cameras()
             self._reset_live = observe
             raw = self._env.set_init_state(np.asarray(init_state))
