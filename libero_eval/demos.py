@@ -72,6 +72,7 @@ class DemoSettings:
     noise_tau: float = 5.0
     noise_seed: int = 7  # the perturbation's stream per episode is seeded by (episode seed, noise_seed)
     place_tolerance: float = 0.01  # the expert's carry -> lower gate (ExpertParams.place_tol), metres
+    funnel: float = 0.0  # the expert's funnel approaches (ExpertParams.funnel); 0: gated, as validated
 
     def __post_init__(self) -> None:
         from tasks import registry
@@ -93,6 +94,8 @@ class DemoSettings:
             raise DemoError(f"noise_seed must be >= 0, got {self.noise_seed}")
         if not 0 < self.place_tolerance <= 0.1:
             raise DemoError(f"place_tolerance must be in (0, 0.1] metres, got {self.place_tolerance}")
+        if not 0 <= self.funnel <= 20:
+            raise DemoError(f"funnel must be in [0, 20] (metres of height per metre of xy error), got {self.funnel}")
         stray = sorted(set(self.held_out) - set(self.trials))
         if stray:
             raise DemoError(f"held-out trials {stray} are not among the recorded trials {self.trials}")
@@ -136,7 +139,7 @@ def _prepare_out(out: Path, settings: DemoSettings) -> None:
         defaults = {f.name: f.default for f in dataclasses.fields(DemoSettings)}  # datasets older than an option
         diffs = [f"{k}: recorded {have.get(k, defaults.get(k))!r}, now {wanted[k]!r}"
                  for k in ("image_size", "every", "max_steps", "noise", "noise_tau", "noise_seed",
-                           "place_tolerance")
+                           "place_tolerance", "funnel")
                  if have.get(k, defaults.get(k)) != wanted[k]]
         if diffs:
             raise DemoError(f"{out} holds demos recorded with other settings ({'; '.join(diffs)}); "
@@ -262,7 +265,7 @@ def record_chunk(suite: str, task_id: int, trials: list[int], settings: dict[str
         cheap = ControlEnv(bddl_file_name=task.bddl_path, has_renderer=False, has_offscreen_renderer=False,
                            use_camera_obs=False, hard_reset=False)
     renderer: LiberoEnv | None = None
-    policy = ExpertPolicy(place_tol=settings["place_tolerance"])
+    policy = ExpertPolicy(place_tol=settings["place_tolerance"], funnel=settings["funnel"])
     rows = []
     try:
         for trial in trials:
@@ -440,6 +443,10 @@ def add_parser(sub) -> None:
     p.add_argument("--place-tolerance", default=0.01, type=float,
                    help="the expert's xy gate (metres) before it lowers the object onto the target (default 0.01; "
                         "a looser gate, e.g. 0.03, is easier for a learned policy to imitate)")
+    p.add_argument("--funnel", default=0.0, type=float,
+                   help="the expert's approaches as funnels: its height above the grasp point / the place height "
+                        "shrinks by FUNNEL metres per metre of xy error instead of waiting at a gate (0: gated, "
+                        "the validated expert; 2 gives labels without 'stay' points a policy can stall at)")
     p.add_argument("--workers", default=2, type=_positive, help="parallel processes (default 2)")
     p.add_argument("--out", default="data/demos", help="dataset directory (default data/demos)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -452,7 +459,7 @@ def run(args) -> int:
         settings = DemoSettings(tasks=args.tasks, trials=trials, held_out=held_out, image_size=args.image_size,
                                 every=args.every, max_steps=args.max_steps, noise=args.noise,
                                 noise_tau=args.noise_tau, noise_seed=args.noise_seed,
-                                place_tolerance=args.place_tolerance)
+                                place_tolerance=args.place_tolerance, funnel=args.funnel)
         t0 = time.perf_counter()
         rows = record_demos(settings, args.out, workers=args.workers, progress=not args.no_progress)
     except (DemoError, ValueError) as exc:

@@ -17,7 +17,8 @@ from policies.engine import Engine, PerSessionEngine, PolicyVariant
 # name -> {parameter: type}; Pi0.5 paths also take DENOISE_PARAMS
 VARIANT_PARAMS: dict[str, dict[str, type]] = {
     "hold": {},
-    "expert": {"gain": float, "vmax": float, "carry_vmax": float, "yaw_gain": float, "place_tol": float},
+    "expert": {"gain": float, "vmax": float, "carry_vmax": float, "yaw_gain": float, "place_tol": float,
+               "funnel": float},
     **{name: {**{k: t for k, (t, _) in parameter_types(name).items()}, **DENOISE_PARAMS}
        for name in CACHE_POLICY_NAMES},
 }

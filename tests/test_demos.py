@@ -144,6 +144,8 @@ def test_a_dataset_refuses_other_recording_settings(tmp_path):
                                                   place_tolerance=0.03))
     with pytest.raises(DemoError, match="noise: recorded 0.0, now 0.5"):
         demos._prepare_out(tmp_path, DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[], noise=0.5))
+    with pytest.raises(DemoError, match="funnel: recorded 0.0, now 2.0"):
+        demos._prepare_out(tmp_path, DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[], funnel=2.0))
     with pytest.raises(DemoError, match="noise_seed: recorded 7, now 8"):
         demos._prepare_out(tmp_path, DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[],
                                                   noise_seed=8))
@@ -154,6 +156,8 @@ def test_bad_recording_arguments_fail_early():
         DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[], noise=2.0)
     with pytest.raises(DemoError, match="place_tolerance must be in"):
         DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[], place_tolerance=0.5)
+    with pytest.raises(DemoError, match="funnel must be in \\[0, 20\\]"):
+        DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[], funnel=-1.0)
     with pytest.raises(DemoError, match="noise_seed must be >= 0, got -1"):
         DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[], noise_seed=-1)
     with pytest.raises(DemoError, match="held-out trials \\[7\\] are not among"):

@@ -72,6 +72,40 @@ def test_rotation_error_is_the_axis_angle_between_frames():
     np.testing.assert_allclose(rotation_error(r0, r0), 0, atol=1e-12)
 
 
+def _drive(env, policy, trial: int) -> tuple[bool, list[str], np.ndarray]:
+    """(done, phase per step, actions [T, 7]) of the expert driving `env` from the protocol's start."""
+    from tasks import protocol
+
+    env.reset(0, registry.init_state("libero_spatial", 0, trial))
+    for _ in range(protocol.NUM_STEPS_WAIT):
+        env.step(protocol.DUMMY_ACTION)
+    policy.reset("t", 0)
+    phases, actions, done = [], [], False
+    for _ in range(registry.MAX_STEPS["libero_spatial"]):
+        action = policy.infer({"privileged": env.privileged()}).actions[0]
+        phases.append(policy.phase)
+        actions.append(action)
+        _, done = env.step(action)
+        if done:
+            break
+    return done, phases, np.asarray(actions)
+
+
+@pytest.mark.slow
+def test_funnel_expert_succeeds_with_continuous_approaches(spatial_env):
+    # gated: it waits at the hover point, then the descend label jumps; funnel: it lowers while aligning,
+    # so the z action is continuous where hover hands over to descend (what a policy imitating it sees)
+    jumps = {}
+    for funnel in (0.0, 2.0):
+        done, phases, actions = _drive(spatial_env, ExpertPolicy(place_tol=0.03, funnel=funnel), 3)
+        assert done, f"funnel={funnel}: the expert did not solve the episode"
+        switch = phases.index("descend") + 1  # the first action computed in the descend phase
+        jumps[funnel] = abs(actions[switch, 2] - actions[switch - 1, 2])
+        if funnel:  # it was already descending fast while still aligning
+            assert actions[:switch, 2].min() < -0.3
+    assert jumps[0.0] > 0.3 and jumps[2.0] < 0.15, jumps
+
+
 def test_expert_variant_validation_and_inputs():
     validate_variant(PolicyVariant.make("expert", "expert", {"gain": 10.0}))
     with pytest.raises(PolicySpecError, match="has no parameter 'window'"):
@@ -84,3 +118,6 @@ def test_expert_variant_validation_and_inputs():
     assert make_policy("expert", place_tol=0.03).params.place_tol == 0.03  # record-demos --place-tolerance
     with pytest.raises(PolicySpecError, match="place_tol must be > 0"):
         validate_variant(PolicyVariant.make("expert", "expert", {"place_tol": 0.0}))
+    assert make_policy("expert", funnel=2.0).params.funnel == 2.0  # record-demos --funnel
+    with pytest.raises(PolicySpecError, match="funnel must be >= 0"):
+        validate_variant(PolicyVariant.make("expert", "expert", {"funnel": -1.0}))

@@ -33,6 +33,8 @@ RELEASE_STEPS = 8
 LIFT_CHECK_STEPS = 10
 LIFT_MIN_RISE = 0.02
 MAX_REGRASPS = 3
+FUNNEL_XY_SLACK = 0.004  # funnel approach: xy error (m) tolerated at the grasp height
+FUNNEL_YAW_HEIGHT = 0.1  # funnel approach: height (m) kept per radian of yaw error
 # per-phase step limits: a phase that has not converged by then moves on (never stuck forever)
 PHASE_LIMITS = {"hover": 60, "descend": 40, "close": CLOSE_STEPS, "lift": 40, "carry": 80, "lower": 50,
                 "release": RELEASE_STEPS, "retreat": 10_000}
@@ -52,11 +54,20 @@ class ExpertParams:
     # converging in xy. 0.01 is the validated default; demos use a looser gate (record-demos
     # --place-tolerance), which a learned policy, less precise than 1 cm, can imitate without stalling
     place_tol: float = 0.01
+    # 0: gated approaches (hover, then descend once within 1 cm of the hover point; carry at a fixed height,
+    # then lower once within place_tol). > 0: funnel approaches, for demonstrations: the height above the
+    # grasp point / the place height shrinks with the xy (and yaw) error, `funnel` metres per metre, so the
+    # expert's action is a continuous function of the state with one attractor. A gate makes the labels
+    # near it a mix of "stay" and "go", and a policy imitating it can stall there (seen at the hover point
+    # and above the plate).
+    funnel: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("gain", "vmax", "carry_vmax", "yaw_gain", "place_tol"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"expert {name} must be > 0, got {getattr(self, name)}")
+        if self.funnel < 0:
+            raise ValueError(f"expert funnel must be >= 0 (0: gated approaches), got {self.funnel}")
 
 
 class ExpertPolicy(Policy):
@@ -67,9 +78,9 @@ class ExpertPolicy(Policy):
     needs_privileged = True
 
     def __init__(self, gain: float = 15.0, vmax: float = 1.0, carry_vmax: float = 0.6, yaw_gain: float = 1.5,
-                 place_tol: float = 0.01):
+                 place_tol: float = 0.01, funnel: float = 0.0):
         self.params = ExpertParams(gain=gain, vmax=vmax, carry_vmax=carry_vmax, yaw_gain=yaw_gain,
-                                   place_tol=place_tol)
+                                   place_tol=place_tol, funnel=funnel)
         self.reset("", 0)
 
     # -- Policy ------------------------------------------------------------------------------------
@@ -174,9 +185,18 @@ class ExpertPolicy(Policy):
         vmax, carry = self.params.vmax, self.params.carry_vmax
 
         if self.phase == "hover":
-            target = grasp_eef + np.array([0.0, 0.0, HOVER_HEIGHT])
-            if np.linalg.norm(target - eef) < 0.01 or over_limit:
-                self._set_phase("descend")
+            if self.params.funnel > 0:  # descend while aligning: lower the closer it is above the grasp point
+                xy_err = float(np.linalg.norm(grasp_eef[:2] - eef[:2]))
+                yaw_err = float(np.linalg.norm(rotation_error(rot_z(plan["yaw"]) @ self._r0, r_cur)))
+                height = min(HOVER_HEIGHT, self.params.funnel * max(0.0, xy_err - FUNNEL_XY_SLACK)
+                             + FUNNEL_YAW_HEIGHT * yaw_err)
+                target = grasp_eef + np.array([0.0, 0.0, height])
+                if height < FUNNEL_XY_SLACK or over_limit:
+                    self._set_phase("descend")
+            else:
+                target = grasp_eef + np.array([0.0, 0.0, HOVER_HEIGHT])
+                if np.linalg.norm(target - eef) < 0.01 or over_limit:
+                    self._set_phase("descend")
             return self._move(eef, r_cur, target, vmax, -1.0), {"err_m": float(np.linalg.norm(target - eef))}
         if self.phase == "descend":
             if np.linalg.norm(grasp_eef - eef) < 0.006 or over_limit:
@@ -204,7 +224,11 @@ class ExpertPolicy(Policy):
             half_h = obj_box.centre[2] - obj_box.bottom
             xy_err = float(np.linalg.norm(plan["target_xy"] - obj_box.centre[:2]))
             if self.phase == "carry":
-                goal = np.array([*plan["target_xy"], carry_bottom + half_h])
+                bottom = carry_bottom
+                if self.params.funnel > 0:  # lower while converging: at place_tol the goal is the place height
+                    bottom = plan["place_bottom"] + min(carry_bottom - plan["place_bottom"], self.params.funnel
+                                                        * max(0.0, xy_err - self.params.place_tol))
+                goal = np.array([*plan["target_xy"], bottom + half_h])
                 if xy_err < self.params.place_tol or over_limit:
                     self._set_phase("lower")
             else:
