@@ -30,12 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from libero_eval.config import expand_variants  # noqa: E402
-from libero_eval.replay import DEFAULT_POLICIES, Sequence, load_sequence  # noqa: E402
-from policies.cache.engine import CachedPi05Engine  # noqa: E402
-from policies.engine import Request  # noqa: E402
+from libero_eval.observations import Sequence, load_sequence  # noqa: E402
+from libero_eval.replay import DEFAULT_POLICIES  # noqa: E402
+from libero_eval.tables import format_table  # noqa: E402
+from policies.base import ActionChunk, InferenceRecord  # noqa: E402
 from policies.pi05.configuration import Pi05Config  # noqa: E402
 from policies.pi05.modeling import Pi05Model  # noqa: E402
 from policies.pi05.processing import TINY_TOKENIZER, Normalizer, Pi05Processor, PromptTokenizer  # noqa: E402
+from policies.serving.engine import Request  # noqa: E402
+from policies.serving.pi05 import Pi05Engine  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "data" / "libero_spatial_t0_reach.npz"
 POLICIES = [  # one variant of every cache policy, plus the seed code's gate and the repo's relevance rule
@@ -68,9 +71,7 @@ class ReachPolicy:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
 
-    def infer(self, observation: dict[str, Any]):
-        from policies.base import ActionChunk, InferenceRecord
-
+    def infer(self, observation: dict[str, Any]) -> ActionChunk:
         sim = self.env.sim
         bowl = sim.data.body_xpos[sim.model.body_name2id(self.target)].copy()
         eef = np.asarray(observation["observation/state"][:3], dtype=np.float64)
@@ -89,7 +90,8 @@ class ReachPolicy:
 
 
 def record(path: Path, queries: int) -> None:
-    from libero_eval.episode import EpisodeSettings, run_episode
+    # LIBERO (robosuite, MuJoCo) only when recording: the benchmark itself runs on the stored sequence
+    from libero_eval.episode import EpisodeConfig, run_episode
     from libero_eval.specs import EpisodeSpec
     from tasks import registry
     from tasks.env import LiberoEnv
@@ -97,7 +99,7 @@ def record(path: Path, queries: int) -> None:
     spec = EpisodeSpec("libero_spatial", 0, 0, "reach", queries * 5)
     out = path.parent / "_recording"
     with LiberoEnv(registry.get_task("libero_spatial", 0)) as env:
-        result = run_episode(spec, env, ReachPolicy(env), EpisodeSettings(video="none", record_observations=True),
+        result = run_episode(spec, env, ReachPolicy(env), EpisodeConfig(video="none", record_observations=True),
                              run_dir=out)
     recorded = out / "observations" / f"{spec.file_stem}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,7 @@ def record(path: Path, queries: int) -> None:
 # ---- benchmark
 
 
-def build_engine(config: str, device: str, dtype: str) -> tuple[CachedPi05Engine, dict[str, Any]]:
+def build_engine(config: str, device: str, dtype: str) -> tuple[Pi05Engine, dict[str, Any]]:
     """A preset with seeded random weights (latency and compute are real, actions are not), the tiny
     tokenizer (its ids are valid in every preset's vocabulary) and identity normalisation."""
     cfg = Pi05Config.from_name(config)
@@ -124,10 +126,10 @@ def build_engine(config: str, device: str, dtype: str) -> tuple[CachedPi05Engine
     processor = Pi05Processor(cfg, PromptTokenizer(TINY_TOKENIZER, cfg.max_token_len), Normalizer.identity())
     info = {"config": config, "device": device, "dtype": dtype, "prefix_tokens": cfg.num_prefix_tokens,
             "weights": "random (seed 0)"}
-    return CachedPi05Engine(model, processor, shadow=False), info
+    return Pi05Engine(model, processor, shadow=False), info
 
 
-def serve(engine: CachedPi05Engine, variant, seq: Sequence) -> list[dict[str, Any]]:
+def serve(engine: Pi05Engine, variant, seq: Sequence) -> list[dict[str, Any]]:
     engine.open("bench", variant, seq.seed)
     records = []
     for obs in seq.observations:
@@ -139,7 +141,7 @@ def serve(engine: CachedPi05Engine, variant, seq: Sequence) -> list[dict[str, An
     return records
 
 
-def measure(engine: CachedPi05Engine, variants, seq: Sequence) -> list[dict[str, Any]]:
+def measure(engine: Pi05Engine, variants, seq: Sequence) -> list[dict[str, Any]]:
     rows = []
     for v in variants:
         engine.shadow = False
@@ -173,16 +175,16 @@ def measure(engine: CachedPi05Engine, variants, seq: Sequence) -> list[dict[str,
     return rows
 
 
+TABLE_HEADERS = ["policy", "decide ms", "p95", "lat ms", "vs none", "reuse", "skipped", "cos mean", "cos p5",
+                 "cos min"]
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    header = (f"{'policy':<30} {'decide ms':>9} {'p95':>6} {'lat ms':>7} {'vs none':>7} {'reuse':>6} "
-              f"{'skipped':>8} {'cos mean':>9} {'cos p5':>7} {'cos min':>8}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(f"{r['policy']:<30} {r['decide_ms_median']:>9.3f} {r['decide_ms_p95']:>6.3f} "
-                     f"{r['latency_ms_mean']:>7.1f} {r['latency_vs_none']:>6.2f}x {r['reuse_rate']:>6.0%} "
-                     f"{r['compute_skipped']:>8.1%} {r['shadow_cos_mean']:>9.4f} {r['shadow_cos_p5']:>7.4f} "
-                     f"{r['shadow_cos_min']:>8.4f}")
-    return "\n".join(lines)
+    return format_table(TABLE_HEADERS, [
+        [r["policy"], f"{r['decide_ms_median']:.3f}", f"{r['decide_ms_p95']:.3f}", f"{r['latency_ms_mean']:.1f}",
+         f"{r['latency_vs_none']:.2f}x", f"{r['reuse_rate']:.0%}", f"{r['compute_skipped']:.1%}",
+         f"{r['shadow_cos_mean']:.4f}", f"{r['shadow_cos_p5']:.4f}", f"{r['shadow_cos_min']:.4f}"]
+        for r in rows], align="<>>>>>>>>>")
 
 
 def main() -> int:

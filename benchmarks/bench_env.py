@@ -19,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from libero_eval.episode import EpisodeSettings, run_episode  # noqa: E402
+from libero_eval.episode import EpisodeConfig, run_episode  # noqa: E402
 from libero_eval.specs import EpisodeSpec  # noqa: E402
 from policies.simple import HoldPolicy  # noqa: E402
 from tasks import registry  # noqa: E402
@@ -61,7 +61,7 @@ def main() -> None:
             rss_env = rss_mb()
             try:
                 spec = EpisodeSpec(args.suite, args.task, 0, f"bench_{mode}", args.steps)
-                result = run_episode(spec, env, HoldPolicy(), EpisodeSettings(video=video), run_dir=tmp)
+                result = run_episode(spec, env, HoldPolicy(), EpisodeConfig(video=video), run_dir=tmp)
             finally:
                 env.close()
             st = result.env_stats

@@ -45,11 +45,12 @@ from policies.pi05.backends import (  # noqa: E402
     COMPILE_MODES,
     BackendOptions,
     Pi05Backend,
-    make_backend,
 )
+from policies.pi05.tensorrt import make_backend  # noqa: E402
 from policies.pi05.checkpoint import build_model, read_checkpoint_dir  # noqa: E402
 from policies.pi05.configuration import Pi05Config  # noqa: E402
-from policies.pi05.modeling import Pi05Inputs, Pi05Model, count_parameters  # noqa: E402
+from policies.pi05.modeling import Pi05Model, count_parameters  # noqa: E402
+from policies.pi05.stages import Pi05Inputs  # noqa: E402
 
 STAGES = ("vision", "prefix", "denoise_step", "denoise", "total")
 SHORT = {"vision": "vision", "prefix": "prefix", "denoise_step": "step", "denoise": "denoise", "total": "total"}

@@ -21,6 +21,13 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np  # noqa: E402
+import ray  # noqa: E402
+
+from libero_eval.config import load_config  # noqa: E402
+from libero_eval.ray_actors import PolicyActor  # noqa: E402
+from libero_eval.sweep import init_ray, run_sweep  # noqa: E402
+from policies.serving.model import ModelConfig  # noqa: E402
+from policies.serving.variants import PolicyVariant  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "sweep.json"
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +44,6 @@ def observation(seed: int = 0) -> dict:
 
 
 def sweep_efficiency(trials: int) -> dict:
-    from libero_eval.config import load_config
-    from libero_eval.sweep import run_sweep
-
     config = load_config(ROOT / "configs" / "hold_smoke.yaml", [f"trials={trials}", "max_steps=20"])
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -58,14 +62,9 @@ def sweep_efficiency(trials: int) -> dict:
 
 
 def actor_throughput(clients_list: list[int], requests: int) -> list[dict]:
-    import ray
-
-    from libero_eval.ray_actors import PolicyActor
-    from policies.engine import PolicyVariant
-
     rows = []
     variant = PolicyVariant.make("none", "none")
-    actor = PolicyActor.options(num_cpus=0.5).remote({"kind": "tiny", "seed": 0, "device": "cpu"}, [variant], 8, 5.0, 1)
+    actor = PolicyActor.options(num_cpus=0.5).remote(ModelConfig(kind="tiny", seed=0, device="cpu"), [variant], 8, 5.0, 1)
     obs = observation()
     for clients in clients_list:
         sessions = [f"bench/{clients}/{i}" for i in range(clients)]
@@ -96,12 +95,7 @@ def actor_throughput(clients_list: list[int], requests: int) -> list[dict]:
 
 
 def round_trip(n: int = 200) -> dict:
-    import ray
-
-    from libero_eval.ray_actors import PolicyActor
-    from policies.engine import PolicyVariant
-
-    actor = PolicyActor.options(num_cpus=0.5).remote({}, [PolicyVariant.make("hold", "hold")], 1, 0.0, 1)
+    actor = PolicyActor.options(num_cpus=0.5).remote(ModelConfig(), [PolicyVariant.make("hold", "hold")], 1, 0.0, 1)
     ray.get(actor.open.remote("rt", "hold", 0))
     obs = observation()
     for _ in range(10):
@@ -126,9 +120,6 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=24, help="requests per client count")
     parser.add_argument("--skip-sweep", action="store_true")
     args = parser.parse_args()
-
-    from libero_eval.config import load_config
-    from libero_eval.sweep import init_ray
 
     init_ray(load_config(ROOT / "configs" / "hold_smoke.yaml"))
     out = {"machine": f"{os.cpu_count()} cores, no GPU"}

@@ -128,7 +128,7 @@ def compare(out_dir: Path, result_path: Path) -> dict:
 
     from policies.pi05.checkpoint import build_model
     from policies.pi05.configuration import GemmaConfig, Pi05Config, SiglipConfig
-    from policies.pi05.modeling import Pi05Inputs
+    from policies.pi05.stages import Pi05Inputs
 
     config = Pi05Config(name="lerobot_tiny", vision=SiglipConfig(**VISION), vlm=GemmaConfig(**VLM),
                         action_expert=GemmaConfig(**EXPERT), action_horizon=HORIZON, max_token_len=TOKENS,

@@ -34,8 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from policies.pi05.backends import ENGINE_MANIFEST, import_tensorrt  # noqa: E402
-from policies.pi05.export import STAGES, StageSpec, example_inputs, export_stages, read_manifest  # noqa: E402
+from policies.pi05.export import (  # noqa: E402
+    STAGES,
+    StageSpec,
+    example_inputs,
+    export_stages,
+    load_model,
+    read_manifest,
+)
+from policies.pi05.tensorrt import ENGINE_MANIFEST, import_tensorrt  # noqa: E402
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
 # the oldest compute capability whose tensor cores run each precision (fp32 runs everywhere)
@@ -158,12 +165,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     onnx_dir = args.onnx or args.out / "onnx"
     if args.onnx is None:
-        from policies.pi05.policy import Pi05Policy
-
-        policy = (Pi05Policy.from_checkpoint(args.checkpoint, dtype="float32") if args.checkpoint
-                  else Pi05Policy.tiny_random(seed=args.seed))
-        export_stages(policy.model, onnx_dir, args.stages)
-        del policy
+        model = load_model(args.checkpoint, args.seed)
+        export_stages(model, onnx_dir, args.stages)
+        del model
     onnx_manifest, specs = read_manifest(onnx_dir)
 
     logger = trt.Logger(trt.Logger.WARNING)

@@ -5,15 +5,32 @@ Subcommands:
   sweep   run a YAML-configured sweep (suites/tasks x trials x policy variants) in parallel on Ray
   report  write report.html + summary.md for a run directory (and log it to W&B again with --wandb)
   replay  replay recorded observation sequences through every cache policy: offline fidelity per policy
-  record-demos  record scripted-expert demonstrations (libero_eval/demos.py)
-  train   train a small Pi0.5 on recorded demos (policies/pi05/training.py)
+  record-demos  record scripted-expert demonstrations (libero_eval/learning/demos.py)
+  train   train a small Pi0.5 on recorded demos (libero_eval/learning/training.py)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
+
+from tqdm import tqdm
+
+from libero_eval import replay
+from libero_eval.cli_common import add_command, fail, parse_int_list, positive
+from libero_eval.config import ConfigError, load_config
+from libero_eval.episode import VIDEO_MODES, EpisodeConfig, run_episode
+from libero_eval.learning import commands as learning
+from libero_eval.specs import EpisodeResult, EpisodeSpec
+from libero_eval.store import ResultStore
+from libero_eval.summary import summary_table
+from libero_eval.sweep_summary import format_table, pick_baseline, policy_rows
+from policies.serving.engine import make_model_free
+from policies.serving.variants import MODEL_FREE, PolicyVariant
+from tasks import registry
+from tasks.env import EnvConfig, LiberoEnv
 
 RUN_EXAMPLES = """examples:
   libero-eval run --suite libero_spatial --tasks 0,1 --trials 2 --max-steps 40 --out runs/x
@@ -24,70 +41,35 @@ Rerunning with the same --out resumes: episodes already stored are skipped, vide
 """
 
 
-def _parse_int_list(text: str, what: str) -> list[int] | str:
-    if text == "all":
-        return "all"
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"bad {what} list {text!r}: expected comma-separated integers or ranges like 0,2,5-7, or 'all'"
-            ) from None
-    return out
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from libero_eval.episode import VIDEO_MODES
-    from libero_eval.policy_factory import POLICY_NAMES
-    from tasks.registry import MAX_STEPS, SUITES
-
     parser = argparse.ArgumentParser(prog="libero-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run episodes sequentially in one process", epilog=RUN_EXAMPLES,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--suite", default="libero_spatial", choices=SUITES, help="LIBERO suite (default libero_spatial)")
-    run.add_argument("--tasks", default="0", type=lambda s: _parse_int_list(s, "task"),
+    run = add_command(sub, "run", "run episodes sequentially in one process", RUN_EXAMPLES)
+    run.add_argument("--suite", default="libero_spatial", choices=registry.SUITES, help="LIBERO suite (default libero_spatial)")
+    run.add_argument("--tasks", default="0", type=lambda s: parse_int_list(s, "task"),
                      help="task ids: '0,1', '0-4' or 'all' (default 0)")
-    run.add_argument("--trials", default=1, type=_positive,
+    run.add_argument("--trials", default=1, type=positive,
                      help="trials per task; trial k uses the task's init state k (default 1, at most 50)")
     run.add_argument("--first-trial", default=0, type=int, help="index of the first trial (default 0)")
-    run.add_argument("--max-steps", default=None, type=_positive,
+    run.add_argument("--max-steps", default=None, type=positive,
                      help="policy actions per episode before it counts as a failure (default: the protocol's "
-                          + ", ".join(f"{k} {v}" for k, v in MAX_STEPS.items()) + ")")
-    run.add_argument("--policy", default="hold", choices=POLICY_NAMES,
+                          + ", ".join(f"{k} {v}" for k, v in registry.MAX_STEPS.items()) + ")")
+    run.add_argument("--policy", default="hold", choices=tuple(MODEL_FREE),
                      help="policy to evaluate (default hold: zero actions, gripper open; expert: the scripted "
-                          "pick-and-place oracle on privileged state)")
+                          "pick-and-place oracle on privileged state); Pi0.5 variants run with `sweep`")
     run.add_argument("--label", default=None, help="name of this policy variant in results and videos (default: --policy)")
-    run.add_argument("--replan-steps", default=5, type=_positive, help="actions executed per policy query (default 5)")
+    run.add_argument("--replan-steps", default=5, type=positive, help="actions executed per policy query (default 5)")
     run.add_argument("--video", default="query", choices=VIDEO_MODES,
                      help="query: a frame per policy query (no extra rendering, the CPU default); every_step: "
                           "a frame per env step (renders every step); none: no video")
     run.add_argument("--no-wrist-video", action="store_true", help="agentview only in videos")
-    run.add_argument("--resolution", default=256, type=_positive, help="camera resolution (default 256, as openpi)")
+    run.add_argument("--resolution", default=256, type=positive, help="camera resolution (default 256, as openpi)")
     run.add_argument("--no-lazy-render", action="store_true",
                      help="render cameras on every step (slower; observations are identical either way)")
     run.add_argument("--out", default=None, help="run directory (default runs/<suite>_<policy>)")
 
-    sweep = sub.add_parser("sweep", help="run a sweep on Ray (local by default)", epilog=SWEEP_EXAMPLES,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep = add_command(sub, "sweep", "run a sweep on Ray (local by default)", SWEEP_EXAMPLES)
     sweep.add_argument("config", help="YAML sweep config, e.g. configs/smoke.yaml")
     sweep.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, values parsed as YAML: trials=3 ray.num_workers=1 max_steps=null")
@@ -95,21 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local Ray on 127.0.0.1)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
 
-    report = sub.add_parser("report", help="write report.html and summary.md for a run directory",
-                            epilog=REPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report = add_command(sub, "report", "write report.html and summary.md for a run directory", REPORT_EXAMPLES)
     report.add_argument("run_dir", help="a run directory made by `libero-eval sweep` or `libero-eval run`")
     report.add_argument("--wandb", action="store_true",
                         help="also log the run directory to W&B again (one fresh run per policy variant)")
     report.add_argument("--wandb-mode", default=None, choices=("offline", "online"),
                         help="W&B mode for --wandb (default: the sweep config's wandb.mode, offline if disabled)")
 
-    from libero_eval import demos, replay
-
     replay.add_parser(sub)
-    demos.add_parser(sub)
-    from policies.pi05 import training
-
-    training.add_parser(sub)
+    learning.add_record_demos_parser(sub)
+    learning.add_train_parser(sub)
     return parser
 
 
@@ -134,16 +111,6 @@ with a different config is refused with the differences listed.
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from libero_eval.episode import EpisodeSettings, run_episode
-    from libero_eval.policy_factory import make_policy
-    from libero_eval.specs import EpisodeResult, EpisodeSpec
-    from libero_eval.store import ResultStore
-    from libero_eval.summary import summary_table
-    from tasks import registry
-    from tasks.env import EnvConfig, LiberoEnv
-
     # Validate everything before any env is created.
     try:
         registry.check_suite(args.suite)
@@ -153,17 +120,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             registry.check_task(args.suite, t)
             for k in (trials[0], trials[-1]):
                 registry.check_trial(args.suite, t, k)
-        settings = EpisodeSettings(replan_steps=args.replan_steps, video=args.video, video_wrist=not args.no_wrist_video)
+        settings = EpisodeConfig(replan_steps=args.replan_steps, video=args.video, video_wrist=not args.no_wrist_video)
         env_config = EnvConfig(resolution=args.resolution, lazy_render=not args.no_lazy_render)
     except ValueError as exc:
-        print(f"libero-eval run: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("run", exc)
     label = args.label or args.policy
     max_steps = args.max_steps or registry.MAX_STEPS[args.suite]
     out = Path(args.out or f"runs/{args.suite}_{label}")
     store = ResultStore(out)
     (out / "run.json").write_text(json.dumps(vars(args), indent=2, default=str))
-    policy = make_policy(args.policy)
+    policy = make_model_free(PolicyVariant.make(label, args.policy))
 
     specs = [EpisodeSpec(args.suite, t, k, label, max_steps) for t in task_ids for k in trials]
     done_keys = store.finished_keys()
@@ -204,11 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "error" for r in results) else 0
 
 
-def _env_error_result(spec, task_name: str, exc: BaseException):
-    from datetime import datetime, timezone
-
-    from libero_eval.specs import EpisodeResult
-
+def _env_error_result(spec: EpisodeSpec, task_name: str, exc: BaseException) -> EpisodeResult:
     return EpisodeResult(
         key=spec.key, suite=spec.suite, task_id=spec.task_id, task_name=task_name, trial=spec.trial,
         policy_label=spec.policy_label, seed=spec.seed, status="error", success=False, reason="env_error",
@@ -218,32 +180,28 @@ def _env_error_result(spec, task_name: str, exc: BaseException):
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from libero_eval.config import ConfigError, load_config
-
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"ray.address={args.address}")
     try:
         config = load_config(args.config, overrides)
     except (ConfigError, ValueError) as exc:
-        print(f"libero-eval sweep: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("sweep", exc)
+    # Ray (sweep) and matplotlib (tracking imports the report and its plots) load only for the commands that
+    # use them, so `libero-eval --help` and `libero-eval run` do not pay for them
     from libero_eval.sweep import run_sweep
-    from libero_eval.sweep_summary import format_table, pick_baseline, policy_rows
-    from libero_eval.tracking import make_tracker
+    from libero_eval.tracking import make_tracker  # see above
 
     out = Path(args.out or f"runs/{config.name}")
     try:
         tracker = make_tracker(config, out)
     except ConfigError as exc:
-        print(f"libero-eval sweep: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("sweep", exc)
     try:
         outcome = run_sweep(config, out, progress=not args.no_progress, on_result=tracker.on_result)
     except ConfigError as exc:
         tracker.close()
-        print(f"libero-eval sweep: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("sweep", exc)
     except BaseException:
         tracker.close()
         raise
@@ -254,8 +212,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     tracker.finish(outcome.results, rows, baseline)
     print()
     print(format_table(rows, baseline))
-    from libero_eval.policy_factory import MODEL_FREE
-
     if config.model.kind == "tiny" and any(v.name not in MODEL_FREE for v in variants):
         print("\nNOTE: the model has random weights (model.kind=tiny): success rates mean nothing here and need "
               "a real checkpoint (model.kind=checkpoint). What differs between policies is above: decisions, "
@@ -277,7 +233,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _write_report(run_dir: Path, prog: str) -> bool:
     """report.html + summary.md; a failure here is reported, never fatal to a sweep that already stored its
     results."""
-    from libero_eval.report import write_report
+    from libero_eval.report import write_report  # matplotlib: only the commands that write a report load it
 
     try:
         html_path, md_path = write_report(run_dir)
@@ -290,19 +246,17 @@ def _write_report(run_dir: Path, prog: str) -> bool:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from libero_eval.report import ReportError, load_run
+    from libero_eval.report import ReportError, load_run  # matplotlib: loaded by the report commands only
+    from libero_eval.tracking import log_run_dir  # imports the report too, see cmd_sweep
 
     run_dir = Path(args.run_dir)
     try:
         load_run(run_dir)
     except ReportError as exc:
-        print(f"libero-eval report: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("report", exc)
     if not _write_report(run_dir, "libero-eval report"):
         return 1
     if args.wandb:
-        from libero_eval.tracking import log_run_dir
-
         try:
             labels = log_run_dir(run_dir, args.wandb_mode)
         except Exception as exc:
@@ -326,19 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         return cmd_sweep(args)
     if args.command == "replay":
-        from libero_eval import replay
-
         return replay.run(args)
     if args.command == "report":
         return cmd_report(args)
     if args.command == "train":
-        from policies.pi05 import training
-
-        return training.run(args)
+        return learning.run_train(args)
     if args.command == "record-demos":
-        from libero_eval import demos
-
-        return demos.run(args)
+        return learning.run_record_demos(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

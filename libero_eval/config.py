@@ -1,5 +1,7 @@
-"""Sweep configuration: a typed schema (dataclasses), YAML + dotted command-line overrides, validated
-before anything expensive starts, and the expansion of policy parameter lists into labelled variants.
+"""Sweep configuration: YAML + dotted command-line overrides, built into the components' own typed configs
+(env: tasks.env.EnvConfig, episode: libero_eval.episode.EpisodeConfig, model: policies.serving.model.
+ModelConfig, each variant: policies.serving.variants.PolicyVariant), all validated once, at load, before
+anything expensive starts; actors receive those objects.
 
     name: smoke
     suites: {libero_spatial: [0, 1]}     # task ids per suite, or "all"
@@ -14,57 +16,24 @@ Overrides: `trials=3`, `ray.num_workers=1`, `suites={libero_object: [0]}` (value
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from policies.engine import PolicyVariant
+from libero_eval.episode import EpisodeConfig
+from policies.serving.model import ModelConfig
+from policies.serving.variants import PolicyVariant
+from tasks import registry
+from tasks.env import EnvConfig
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key, the bad value and what was expected."""
-
-
-@dataclasses.dataclass
-class ModelConfig:
-    kind: str = "tiny"  # tiny: the tiny Pi0.5 with random weights | checkpoint: a real checkpoint directory
-    checkpoint: str | None = None
-    seed: int = 0  # weights seed of the tiny random model
-    device: str = "auto"  # auto: cuda if available else cpu
-    dtype: str | None = None  # null: the checkpoint's precision (float32 for tiny)
-    # how the policy actor runs the stages (policies/pi05/backends.py; README "GPU backends"):
-    backend: str = "eager"  # eager | compile (torch.compile) | tensorrt (engines from launch/build_engines.py)
-    compile_mode: str = "default"  # torch.compile's mode (reduce-overhead, max-autotune, ...: backends.COMPILE_MODES)
-    cuda_graphs: bool = True  # compile/tensorrt on CUDA: the denoising loop as one CUDA graph per batch shape
-    engine_dir: str | None = None  # tensorrt: the directory launch/build_engines.py wrote
-
-    def __post_init__(self) -> None:
-        # checked here, where the section is built, so a bad backend fails before Ray or a model starts
-        from policies.pi05.backends import BackendOptions
-
-        try:
-            BackendOptions.from_model_section(dataclasses.asdict(self))
-        except ValueError as exc:
-            raise ConfigError(f"model.{exc}") from None
-
-
-@dataclasses.dataclass
-class EpisodeConfig:
-    replan_steps: int = 5
-    video: str = "query"  # query | every_step | none
-    video_wrist: bool = True
-    shadow: bool = False  # also compute the full path per frame and record the deviation
-    record_observations: bool = False  # save each query's observation (input of `libero-eval replay`)
-
-
-@dataclasses.dataclass
-class EnvSettings:
-    resolution: int = 256
-    lazy_render: bool = True
-    hard_reset: bool = True
 
 
 @dataclasses.dataclass
@@ -96,15 +65,13 @@ class SweepConfig:
     policies: list[dict[str, Any]] = dataclasses.field(default_factory=lambda: [{"name": "none"}])
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     episode: EpisodeConfig = dataclasses.field(default_factory=EpisodeConfig)
-    env: EnvSettings = dataclasses.field(default_factory=EnvSettings)
+    env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
     # -- derived ---------------------------------------------------------------------------------
 
     def task_list(self) -> list[tuple[str, int]]:
-        from tasks import registry
-
         out = []
         for suite, tasks in self.suites.items():
             ids = range(registry.num_tasks(suite)) if tasks == "all" else tasks
@@ -115,10 +82,33 @@ class SweepConfig:
         return list(range(self.trials)) if isinstance(self.trials, int) else [int(t) for t in self.trials]
 
     def variants(self) -> list[PolicyVariant]:
-        return expand_variants(self.policies)
+        """The typed variants (built and validated once; `policies` keeps the entries as written)."""
+        return list(_variants(_freeze(self.policies)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable copy of a YAML value (a cache key for `_variants`)."""
+    if isinstance(value, dict):
+        return tuple((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return ("__list__", tuple(_freeze(v) for v in value))
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple) and value[:1] == ("__list__",):
+        return [_thaw(v) for v in value[1]]
+    if isinstance(value, tuple):
+        return {k: _thaw(v) for k, v in value}
+    return value
+
+
+@functools.lru_cache(maxsize=32)
+def _variants(frozen: tuple) -> tuple[PolicyVariant, ...]:
+    return tuple(expand_variants(_thaw(frozen)))
 
 
 # Sections that change what an episode does; the others (ray, wandb) only change how the sweep runs, so a
@@ -150,7 +140,10 @@ def expand_variants(policies: list[dict[str, Any]]) -> list[PolicyVariant]:
                 name_part = label + "".join(f"_{k}{_format_value(v)}" for k, v in zip(keys, values))
             else:
                 name_part = name + "".join(f"_{k}{_format_value(params[k])}" for k in sorted(params))
-            variants.append(PolicyVariant.make(name_part, name, params))
+            try:
+                variants.append(PolicyVariant.make(name_part, name, params))
+            except ValueError as exc:
+                raise ConfigError(f"policies[{i}]: {exc}") from None
     labels = [v.label for v in variants]
     duplicates = sorted({l for l in labels if labels.count(l) > 1})
     if duplicates:
@@ -175,12 +168,17 @@ def _build(cls, data: Any, path: str):
             kwargs[key] = _build(hint, value or {}, f"{path}.{key}" if path else key)
         else:
             kwargs[key] = _check_type(value, hint, f"{path}.{key}" if path else key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a section's own check; its message starts with the field name
+        if isinstance(exc, ConfigError) or not path:
+            raise
+        raise ConfigError(f"{path}.{exc}") from None
 
 
 def _check_type(value: Any, hint: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
-    options = typing.get_args(hint) if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+    options = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
     for option in options:
         if option is Any or option is type(None) and value is None:
             return value
@@ -238,11 +236,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def validate(config: SweepConfig) -> None:
-    """Everything that can be checked without an env or a model: suites, tasks, trials, policies, settings."""
-    from libero_eval.episode import VIDEO_MODES
-    from libero_eval.policy_factory import validate_variant
-    from tasks import registry
-
+    """What the sections' own types cannot check alone: suites, tasks, trials, the checkpoint path, Ray's
+    sizes, W&B's mode, and every variant (typed once here)."""
     if not config.name or "/" in config.name:
         raise ConfigError(f"name must be a non-empty string without '/', got {config.name!r}")
     if not isinstance(config.suites, dict) or not config.suites:
@@ -271,12 +266,6 @@ def validate(config: SweepConfig) -> None:
             raise ConfigError(f"trials: trial {k} does not exist: expected 0..{registry.NUM_INIT_STATES - 1}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ConfigError(f"max_steps: expected a positive integer or null, got {config.max_steps}")
-    if config.episode.video not in VIDEO_MODES:
-        raise ConfigError(f"episode.video: expected one of {VIDEO_MODES}, got {config.episode.video!r}")
-    if config.episode.replan_steps < 1:
-        raise ConfigError(f"episode.replan_steps: expected >= 1, got {config.episode.replan_steps}")
-    if config.model.kind not in ("tiny", "checkpoint"):
-        raise ConfigError(f"model.kind: expected 'tiny' or 'checkpoint', got {config.model.kind!r}")
     if config.model.kind == "checkpoint":
         path = resolve_checkpoint(config.model.checkpoint)
         if path is None:
@@ -288,8 +277,7 @@ def validate(config: SweepConfig) -> None:
         raise ConfigError(f"ray: num_workers, max_batch >= 1, batch_wait_ms, max_retries >= 0, cpus_per_worker > 0; got {r}")
     if config.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode: expected offline, online or disabled, got {config.wandb.mode!r}")
-    for variant in config.variants():
-        validate_variant(variant)
+    config.variants()  # builds (and so validates) every variant
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

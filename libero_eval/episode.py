@@ -13,39 +13,82 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 import traceback
 from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
-from policies.base import Policy
+from policies.base import IMAGE_KEY, PRIVILEGED_KEY, PROMPT_KEY, STATE_KEY, WRIST_IMAGE_KEY, Policy
 from tasks import protocol, registry
 from tasks.env import LiberoEnv, RenderError
-from tasks.video import VideoWriter, hud_frame, unique_path
+from tasks.video import VideoWriter, hud_frame
 
+from libero_eval.observations import save_observations
 from libero_eval.specs import EpisodeResult, EpisodeSpec
+from libero_eval.store import INFRA_REASONS
 
 VIDEO_MODES = ("query", "every_step", "none")
+PARTIAL_VIDEO = ".partial.mp4"  # a video being written; renamed to <stem>.mp4 when its episode has an outcome
+
+
+def video_paths(run_dir: str | Path, spec: EpisodeSpec) -> tuple[Path, Path]:
+    """(final, partial) paths of an episode's video. One name per episode: an attempt that is retried (an
+    infrastructure error) leaves no video, a killed one only its partial file, which the next attempt or the
+    sweep's cleanup (`remove_partial_videos`) replaces or removes."""
+    final = Path(run_dir) / "videos" / f"{spec.file_stem}.mp4"
+    return final, final.with_name(spec.file_stem + PARTIAL_VIDEO)
+
+
+def remove_partial_videos(run_dir: str | Path) -> int:
+    """Delete the partial videos of attempts that never finished (killed workers); returns how many."""
+    partials = list((Path(run_dir) / "videos").glob(f"*{PARTIAL_VIDEO}"))
+    for path in partials:
+        path.unlink(missing_ok=True)
+    return len(partials)
 
 
 @dataclasses.dataclass
-class EpisodeSettings:
-    replan_steps: int = protocol.REPLAN_STEPS
-    num_steps_wait: int = protocol.NUM_STEPS_WAIT
-    video: str = "query"  # query: one frame per policy query (no extra renders); every_step: full fps
+class EpisodeConfig:
+    """The `episode` section of a sweep: how each episode runs and what it records."""
+
+    replan_steps: int = protocol.REPLAN_STEPS  # actions of each chunk executed before the next query
+    num_steps_wait: int = protocol.NUM_STEPS_WAIT  # settle steps with the dummy action after the init state
+    video: str = "query"  # query: one frame per policy query (no extra renders) | every_step: full fps | none
     video_wrist: bool = True  # wrist camera side by side with agentview
     video_fps: int = 10
+    shadow: bool = False  # the policy actor also computes the full path per frame and records the deviation
     # save each query's observation to <run_dir>/observations/<file stem>.npz (input of `libero-eval replay`)
     record_observations: bool = False
 
     def __post_init__(self) -> None:
         if self.video not in VIDEO_MODES:
-            raise ValueError(f"video mode must be one of {VIDEO_MODES}, got {self.video!r}")
-        if self.replan_steps < 1:
-            raise ValueError(f"replan_steps must be >= 1, got {self.replan_steps}")
-        if self.num_steps_wait < 1:
-            raise ValueError(f"num_steps_wait must be >= 1, got {self.num_steps_wait}")
+            raise ValueError(f"video: expected one of {VIDEO_MODES}, got {self.video!r}")
+        for name in ("replan_steps", "num_steps_wait", "video_fps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+
+
+def policy_observation(raw_obs: dict, prompt: str, privileged: dict | None = None, images: bool = True) -> dict:
+    """The observation dict a policy receives (keys: policies.base, the contract) from a raw LIBERO
+    observation processed by openpi's protocol (tasks.protocol); `images=False` leaves the cameras out
+    (policies that never read them: no render needed)."""
+    obs = {STATE_KEY: protocol.state_vector(raw_obs), PROMPT_KEY: str(prompt)}
+    if images:
+        if protocol.AGENTVIEW not in raw_obs or protocol.WRIST not in raw_obs:
+            raise KeyError("camera images missing from this step's observation: with lazy rendering, images exist "
+                           "only on steps announced with env.expect_observation()")
+        obs[IMAGE_KEY] = protocol.model_image(raw_obs[protocol.AGENTVIEW])
+        obs[WRIST_IMAGE_KEY] = protocol.model_image(raw_obs[protocol.WRIST])
+    if privileged is not None:
+        obs[PRIVILEGED_KEY] = privileged
+    return obs
+
+
+class PolicyUnavailable(RuntimeError):
+    """The policy could not be reached (its actor died or restarted, the session was lost): the
+    infrastructure's failure, not the policy's; the episode ends as `policy_unavailable` and is retried."""
 
 
 class _EpisodeError(Exception):
@@ -57,6 +100,10 @@ class _EpisodeError(Exception):
         self.exc = exc
 
 
+def _policy_reason(exc: BaseException) -> str:
+    return "policy_unavailable" if isinstance(exc, PolicyUnavailable) else "policy_error"
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -65,11 +112,11 @@ def run_episode(
     spec: EpisodeSpec,
     env: LiberoEnv,
     policy: Policy,
-    settings: EpisodeSettings | None = None,
+    settings: EpisodeConfig | None = None,
     run_dir: str | Path | None = None,
 ) -> EpisodeResult:
     """Run one episode and return its result; never raises for anything the episode itself does."""
-    settings = settings or EpisodeSettings()
+    settings = settings or EpisodeConfig()
     t_start = time.perf_counter()
     task = env.task
     records: list[dict] = []
@@ -109,7 +156,7 @@ def run_episode(
         try:
             policy.reset(spec.key, spec.seed)
         except Exception as exc:
-            raise _EpisodeError("policy_error", exc) from exc
+            raise _EpisodeError(_policy_reason(exc), exc) from exc
         try:
             init_state = registry.init_state(spec.suite, spec.task_id, spec.trial)
             env.set_render_every_step(settings.video == "every_step")
@@ -123,9 +170,8 @@ def run_episode(
             raise _EpisodeError("env_error", exc) from exc
 
         if video_on:
-            path = unique_path(Path(run_dir) / "videos" / f"{spec.file_stem}.mp4")
-            writer = VideoWriter(path, fps=settings.video_fps)
-            video_rel = str(path.relative_to(run_dir))
+            final_video, partial_video = video_paths(run_dir, spec)
+            writer = VideoWriter(partial_video, fps=settings.video_fps)
 
         queue: deque = deque()
         done = False
@@ -135,13 +181,13 @@ def run_episode(
                     privileged = env.privileged() if needs_privileged else None
                 except Exception as exc:
                     raise _EpisodeError("env_error", exc) from exc
-                obs = protocol.observation(raw, task.language, privileged, images=needs_images)
+                obs = policy_observation(raw, task.language, privileged, images=needs_images)
                 if settings.record_observations:
                     recorded.append((steps, obs))
                 try:
                     chunk = policy.infer(obs)
                 except Exception as exc:
-                    raise _EpisodeError("policy_error", exc) from exc
+                    raise _EpisodeError(_policy_reason(exc), exc) from exc
                 last_record = chunk.record.to_dict()
                 last_record["env_step"] = steps
                 records.append(last_record)
@@ -174,9 +220,12 @@ def run_episode(
     finally:
         if writer is not None:
             writer.close()
+            if status == "error" and reason in INFRA_REASONS:  # retried or re-run: this attempt leaves nothing
+                partial_video.unlink(missing_ok=True)
+            else:
+                os.replace(partial_video, final_video)
+                video_rel = str(final_video.relative_to(run_dir))
         if recorded and run_dir is not None:
-            from libero_eval.replay import save_observations
-
             try:
                 save_observations(Path(run_dir) / "observations" / f"{spec.file_stem}.npz", spec, recorded)
             except OSError as exc:  # the episode's result still counts; the missing recording is logged
@@ -210,7 +259,7 @@ def run_episode(
         wall_s=round(time.perf_counter() - t_start, 3),
         error=error,
         video=video_rel,
-        video_frames=writer.frames if writer is not None else 0,
+        video_frames=writer.frames if video_rel is not None else 0,
         records=records,
         env_stats=env_stats,
         policy=policy.describe(),

@@ -35,6 +35,12 @@ def overall_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(by_policy.values())
 
 
+def _error_lengths(rate: float, row: dict[str, Any]) -> tuple[float, float]:
+    """(below, above) error-bar lengths of a Wilson interval, never negative: a stored summary whose bound
+    sits a hair inside the rate (floating point, an older file) still draws instead of failing the report."""
+    return max(0.0, rate - row["wilson_low"]), max(0.0, row["wilson_high"] - rate)
+
+
 def success_by_policy(rows: list[dict[str, Any]], baseline: str | None = None,
                       highlight: str | None = None) -> bytes:
     """Success rate per policy with 95% Wilson interval bars, annotated k/n."""
@@ -43,11 +49,10 @@ def success_by_policy(rows: list[dict[str, Any]], baseline: str | None = None,
     ax = fig.add_subplot()
     xs = range(len(data))
     rates = [r["success_rate"] or 0.0 for r in data]
-    lower = [rate - r["wilson_low"] for rate, r in zip(rates, data)]
-    upper = [r["wilson_high"] - rate for rate, r in zip(rates, data)]
+    bars = [_error_lengths(rate, r) for rate, r in zip(rates, data)]
     colours = [HIGHLIGHT_COLOUR if r["policy"] == highlight else BASELINE_COLOUR if r["policy"] == baseline
                else BAR_COLOUR for r in data]
-    ax.bar(xs, rates, color=colours, yerr=[lower, upper], capsize=4, ecolor="black")
+    ax.bar(xs, rates, color=colours, yerr=[[b[0] for b in bars], [b[1] for b in bars]], capsize=4, ecolor="black")
     for x, r in zip(xs, data):
         ax.annotate(f"{r['successes']}/{r['n']}", (x, 0.02), ha="center", color="white", fontsize=8)
     ax.set_xticks(list(xs), [r["policy"] for r in data], rotation=30, ha="right", fontsize=8)
@@ -77,8 +82,8 @@ def success_vs_speedup(rows: list[dict[str, Any]], highlight: str | None = None)
     for r in data:
         rate = r["success_rate"] or 0.0
         colour = HIGHLIGHT_COLOUR if r["policy"] == highlight else BAR_COLOUR
-        ax.errorbar([r["speedup"]], [rate], yerr=[[rate - r["wilson_low"]], [r["wilson_high"] - rate]],
-                    fmt="o", color=colour, capsize=3)
+        below, above = _error_lengths(rate, r)
+        ax.errorbar([r["speedup"]], [rate], yerr=[[below], [above]], fmt="o", color=colour, capsize=3)
         ax.annotate(r["policy"], (r["speedup"], rate), textcoords="offset points", xytext=(5, 4), fontsize=7)
     front = pareto_front([(r["speedup"], r["success_rate"] or 0.0) for r in data])
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", lw=1, label="Pareto front")

@@ -1,9 +1,7 @@
-"""Ray actors: rollout workers (one LIBERO env each) and the shared policy actor (model + sessions).
-
-The policy actor's batching loop is small on purpose: requests queue up; the loop takes the first, waits
-at most `batch_wait_ms` for up to `max_batch` more, runs them as one engine call on a single engine thread
-(open/close go through the same thread, so the engine never sees two calls at once), and resolves every
-request's future — with its result or its own exception.
+"""Ray actors: rollout workers (one LIBERO env each) and the policy actor, a thin transport around the
+serving core (policies/serving): it builds the engine from typed configs, starts its `Batcher` at start-up
+and stops it at shutdown, and runs every engine call (open, close, batches) on one engine thread, so the
+engine never sees two calls at once.
 """
 from __future__ import annotations
 
@@ -14,62 +12,57 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import ray
+import torch
 
-from policies.base import ActionChunk, Policy
-from libero_eval.policy_factory import policy_inputs
-from policies.engine import PolicyVariant, Request
+from libero_eval.episode import EpisodeConfig, PolicyUnavailable, run_episode
+from libero_eval.specs import EpisodeSpec
+from policies.base import IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_IMAGE_KEY, ActionChunk, Policy
+from policies.serving.batcher import Batcher
+from policies.serving.engine import Request, SessionLost
+from policies.serving.model import ModelConfig, make_engine
+from policies.serving.variants import PolicyVariant
+from tasks import registry
+from tasks.env import EnvConfig, LiberoEnv
 
 log = logging.getLogger("libero_eval")
 
-
-class PolicyUnavailable(RuntimeError):
-    """The policy actor could not be reached (died, restarting): infrastructure, retried."""
+WARMUP_OBSERVATION = {
+    IMAGE_KEY: np.zeros((224, 224, 3), dtype=np.uint8),
+    WRIST_IMAGE_KEY: np.zeros((224, 224, 3), dtype=np.uint8),
+    STATE_KEY: np.zeros(8, dtype=np.float32),
+    PROMPT_KEY: "warm up",
+}
 
 
 @ray.remote
 class PolicyActor:
-    def __init__(self, model: dict[str, Any], variants: list[PolicyVariant], max_batch: int, batch_wait_ms: float,
+    def __init__(self, model: ModelConfig, variants: list[PolicyVariant], max_batch: int, batch_wait_ms: float,
                  torch_threads: int | None = None, shadow: bool = False, replan_steps: int = 5):
-        import torch
-
-        from libero_eval.policy_factory import make_engine
-
         # Global torch settings are set once here, at actor start-up, and logged.
         if torch_threads:
             torch.set_num_threads(torch_threads)
         log.info("policy actor: torch %s, %d threads, cuda=%s", torch.__version__, torch.get_num_threads(),
                  torch.cuda.is_available())
-        self.engine = make_engine(model, variants, shadow=shadow, replan_steps=replan_steps)
+        self.engine = make_engine(model, variants, shadow=shadow, executed_steps=replan_steps)
         self.variants = {v.label: v for v in variants}
-        self.max_batch = max_batch
-        self.batch_wait_s = batch_wait_ms / 1000.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._queue: asyncio.Queue | None = None
-        self._loop_task: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []
-        self.requests = 0
         self.warmup_ms = self._warm_up(variants)
+        self.batcher = Batcher(self.engine.infer_batch, max_batch, batch_wait_ms, self._executor)
+        self.batcher.start()  # Ray runs an async actor's __init__ inside its event loop
 
     def _warm_up(self, variants: list[PolicyVariant]) -> float:
         """One throw-away inference per variant before the first real request, so that first-call costs
         (allocator, kernel selection, lazy init) are not billed to whichever variant happens to run first."""
-        import numpy as np
-
-        observation = {
-            "observation/image": np.zeros((224, 224, 3), dtype=np.uint8),
-            "observation/wrist_image": np.zeros((224, 224, 3), dtype=np.uint8),
-            "observation/state": np.zeros(8, dtype=np.float32),
-            "prompt": "warm up",
-        }
         t0 = time.perf_counter()
         for variant in variants:
             session = f"__warmup__/{variant.label}"
             self.engine.open(session, variant, 0)
             try:
-                results = self.engine.infer_batch([Request(session, dict(observation))])
-                if isinstance(results[0], BaseException):
-                    log.warning("warm-up of %s failed: %s", variant.label, results[0])
+                (result,) = self.engine.infer_batch([Request(session, dict(WARMUP_OBSERVATION))])
+                if isinstance(result, BaseException):
+                    log.warning("warm-up of %s failed: %s", variant.label, result)
             finally:
                 self.engine.close(session)
         return (time.perf_counter() - t0) * 1e3
@@ -87,70 +80,34 @@ class PolicyActor:
         return await self._run(self.engine.close_stale, set(keep))
 
     async def infer(self, session_id: str, observation: dict[str, Any]) -> ActionChunk:
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put((Request(session_id, observation), future))
-        return await future
+        return await self.batcher.submit(Request(session_id, observation))
 
-    async def _batch_loop(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            deadline = time.perf_counter() + self.batch_wait_s
-            while len(batch) < self.max_batch:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
-            started = time.perf_counter()
-            requests = [req for req, _ in batch]
-            try:
-                results = await self._run(self.engine.infer_batch, requests)
-                if len(results) != len(batch):
-                    raise RuntimeError(f"engine returned {len(results)} results for a batch of {len(batch)}")
-            except Exception as exc:  # a failed batch fails every request in it
-                results = [exc] * len(batch)
-            self.batch_sizes.append(len(batch))
-            self.requests += len(batch)
-            for (req, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    result.record.extra["batch_size"] = len(batch)
-                    result.record.extra["queue_wait_ms"] = round((started - req.enqueued_at) * 1e3, 3)
-                    future.set_result(result)
+    async def shutdown(self) -> None:
+        await self.batcher.stop()
+        self._executor.shutdown(wait=False)
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def state(self) -> dict[str, int]:
+        """Requests being computed now and open sessions (answered while a batch computes: the engine runs
+        in its own thread)."""
+        return {"in_flight": self.batcher.in_flight, "sessions": self.engine.session_count()}
 
     async def stats(self) -> dict[str, Any]:
-        sizes = self.batch_sizes
-        return {
-            "requests": self.requests,
-            "batches": len(sizes),
-            "mean_batch_size": sum(sizes) / len(sizes) if sizes else 0.0,
-            "max_batch_size": max(sizes) if sizes else 0,
-            "open_sessions": len(self.engine.sessions()),
-            "warmup_ms": self.warmup_ms,
-        }
-
-    async def describe(self, label: str) -> dict[str, Any]:
-        v = self.variants[label]
-        return {"label": v.label, "name": v.name, **v.param_dict}
+        return {**self.batcher.stats(), "open_sessions": self.engine.session_count(), "warmup_ms": self.warmup_ms}
 
 
 class RemotePolicy(Policy):
-    """The Policy interface over the policy actor: what the episode loop in a rollout worker talks to."""
+    """The Policy interface over the policy actor: what the episode loop in a rollout worker talks to.
+    Infrastructure failures are told apart by exception type, through Ray's wrapping: the actor died or
+    restarts, or it no longer holds the session (a restarted actor) -> PolicyUnavailable (retried)."""
 
-    def __init__(self, actor, variant_label: str, description: dict[str, Any]):
+    def __init__(self, actor, variant: PolicyVariant):
         self.actor = actor
-        self.label = variant_label
-        self.name = description.get("name", variant_label)
-        self.needs_images, self.needs_privileged = policy_inputs(self.name)
-        self._description = description
+        self.variant = variant
+        self.name = variant.name
+        self.needs_images, self.needs_privileged = variant.needs_images, variant.needs_privileged
         self._session: str | None = None
 
     def _call(self, method, *args):
@@ -158,10 +115,14 @@ class RemotePolicy(Policy):
             return ray.get(method.remote(*args))
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             raise PolicyUnavailable(f"policy actor unavailable: {type(exc).__name__}: {exc}") from exc
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, SessionLost):
+                raise PolicyUnavailable(f"policy session lost (the actor restarted?): {exc.cause}") from exc
+            raise
 
     def reset(self, episode_id: str, seed: int) -> None:
         self._session = episode_id
-        self._call(self.actor.open, episode_id, self.label, seed)
+        self._call(self.actor.open, episode_id, self.variant.label, seed)
 
     def infer(self, observation: dict[str, Any]) -> ActionChunk:
         return self._call(self.actor.infer, self._session, observation)
@@ -171,7 +132,7 @@ class RemotePolicy(Policy):
         self._session = None
 
     def describe(self) -> dict[str, Any]:
-        return dict(self._description)
+        return self.variant.describe()
 
 
 @ray.remote
@@ -179,18 +140,15 @@ class RolloutWorker:
     """Owns one LIBERO env (created here, inside the actor's own process: one EGL context per process),
     reused across episodes of the same task."""
 
-    def __init__(self, env_settings: dict[str, Any], episode_settings: dict[str, Any], run_dir: str,
-                 policy_actor_name: str, descriptions: dict[str, dict[str, Any]]):
+    def __init__(self, env_config: EnvConfig, episode_config: EpisodeConfig, run_dir: str, policy_actor_name: str,
+                 variants: list[PolicyVariant]):
         os.environ.setdefault("MUJOCO_GL", "egl")
-        from libero_eval.episode import EpisodeSettings
-        from tasks.env import EnvConfig
-
-        self.env_config = EnvConfig(**env_settings)
-        self.settings = EpisodeSettings(**episode_settings)
+        self.env_config = env_config
+        self.settings = episode_config
         self.run_dir = run_dir
         # Looked up by name, not passed as a handle: constructor arguments must survive a restart.
         self.policy_actor = ray.get_actor(policy_actor_name)
-        self.descriptions = descriptions
+        self.variants = {v.label: v for v in variants}
         self.env = None
         self.env_key: tuple[str, int] | None = None
         self.envs_created = 0
@@ -198,13 +156,7 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, spec: dict[str, Any], attempt: int) -> dict[str, Any]:
-        from libero_eval.episode import run_episode
-        from libero_eval.specs import EpisodeSpec
-        from tasks import registry
-        from tasks.env import LiberoEnv
-
-        spec = EpisodeSpec(**spec)
+    def run(self, spec: EpisodeSpec, attempt: int) -> dict[str, Any]:
         key = (spec.suite, spec.task_id)
         if self.env_key != key:
             if self.env is not None:
@@ -213,11 +165,9 @@ class RolloutWorker:
             self.env = LiberoEnv(registry.get_task(*key), self.env_config)  # raises: infrastructure
             self.env_key = key
             self.envs_created += 1
-        policy = RemotePolicy(self.policy_actor, spec.policy_label, self.descriptions[spec.policy_label])
+        policy = RemotePolicy(self.policy_actor, self.variants[spec.policy_label])
         result = run_episode(spec, self.env, policy, self.settings, run_dir=self.run_dir)
         result.attempt = attempt
-        if result.status == "error" and result.error and result.error.startswith(("PolicyUnavailable", "SessionLost")):
-            result.reason = "policy_unavailable"  # the policy actor died or restarted: infrastructure
         result.env_stats["worker_pid"] = os.getpid()
         result.env_stats["envs_created"] = self.envs_created
         return result.to_dict()

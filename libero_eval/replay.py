@@ -21,9 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+from tqdm import tqdm
 
+from libero_eval import tables
+from libero_eval.config import ConfigError, expand_variants
+from libero_eval.observations import OBSERVATIONS_DIR, Sequence, load_sequence
 from libero_eval.sweep_summary import REUSE_DECISIONS
-from policies.base import IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_IMAGE_KEY
+from policies.base import PolicyError
+from policies.serving.engine import Request
+from policies.serving.model import ModelConfig, load_model
+from policies.serving.pi05 import Pi05Engine
+from policies.serving.variants import MODEL_FREE
 
 SUMMARY_FILE = "replay_summary.json"
 RECORDS_FILE = "replay_records.jsonl"
@@ -43,53 +52,11 @@ EXAMPLES = """examples:
   libero-eval replay runs/smoke --policy fixed_window:window=3 --policy adaptive:window=3,pixel_mae=6.0
   libero-eval replay runs/x/observations --policies configs/smoke.yaml --checkpoint /ckpt/pi05_libero --out r
 
-Record sequences with `episode.record_observations` (EpisodeSettings.record_observations) in a baseline run.
+Record sequences with `episode.record_observations` (EpisodeConfig.record_observations) in a baseline run.
 """
 
 
-# ---- the recorded format
-
-
-@dataclasses.dataclass
-class Sequence:
-    """One recorded episode: its observations in query order and the episode seed (paired noise)."""
-
-    name: str
-    seed: int
-    observations: list[dict[str, Any]]
-    env_steps: list[int]
-
-
-def save_observations(path: str | Path, spec: Any, recorded: list[tuple[int, dict[str, Any]]]) -> Path:
-    """Write an episode's (env step, observation) pairs as one compressed npz (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "image": np.stack([np.asarray(obs[IMAGE_KEY], np.uint8) for _, obs in recorded]),  # [T, H, W, 3]
-        "wrist_image": np.stack([np.asarray(obs[WRIST_IMAGE_KEY], np.uint8) for _, obs in recorded]),
-        "state": np.stack([np.asarray(obs[STATE_KEY], np.float32) for _, obs in recorded]),  # [T, 8]
-        "env_step": np.array([step for step, _ in recorded], np.int64),
-        "prompt": np.array(str(recorded[0][1][PROMPT_KEY])),
-        "seed": np.array(int(spec.seed), np.int64),
-        "key": np.array(spec.key),
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    tmp.replace(path)
-    return path
-
-
-def load_sequence(path: str | Path) -> Sequence:
-    path = Path(path)
-    with np.load(path, allow_pickle=False) as data:
-        missing = sorted({"image", "wrist_image", "state", "env_step", "prompt", "seed"} - set(data.files))
-        if missing:
-            raise ValueError(f"{path} is not a recorded observation sequence: it lacks {missing}")
-        prompt = str(data["prompt"])
-        observations = [{IMAGE_KEY: image, WRIST_IMAGE_KEY: wrist, STATE_KEY: state, PROMPT_KEY: prompt}
-                        for image, wrist, state in zip(data["image"], data["wrist_image"], data["state"], strict=True)]
-        return Sequence(path.stem, int(data["seed"]), observations, [int(s) for s in data["env_step"]])
+# ---- the recorded sequences (format: libero_eval.observations)
 
 
 def locate(source: str | Path) -> tuple[list[Path], Path]:
@@ -97,12 +64,12 @@ def locate(source: str | Path) -> tuple[list[Path], Path]:
     source = Path(source)
     if not source.is_dir():
         raise ValueError(f"{source} is not a directory (expected a run directory or its observations/)")
-    directory = source / "observations" if (source / "observations").is_dir() else source
+    directory = source / OBSERVATIONS_DIR if (source / OBSERVATIONS_DIR).is_dir() else source
     files = sorted(directory.glob("*.npz"))
     if not files:
         raise ValueError(f"no recorded sequences (*.npz) in {directory}; record them with "
                          "episode.record_observations in a baseline run")
-    run_dir = directory.parent if directory.name == "observations" else directory
+    run_dir = directory.parent if directory.name == OBSERVATIONS_DIR else directory
     return files, run_dir / "replay"
 
 
@@ -115,8 +82,6 @@ def replay(engine, sequences: list[Sequence], variants: list, max_batch: int = 8
 
     Frame t of every (variant, sequence) session is served before frame t + 1, in batches of `max_batch`.
     """
-    from policies.engine import Request
-
     sessions = [(v, seq, f"{v.label}/{seq.name}") for v in variants for seq in sequences]
     for v, seq, sid in sessions:
         engine.open(sid, v, seq.seed)
@@ -163,15 +128,19 @@ def summarize_policy(variant, records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+REPLAY_HEADERS = ["policy", "frames", "reuse", "skipped", "cos mean", "cos p5", "cos min", "L2 mean",
+                  "signals p50/p75/p90/p95"]
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = (f"{'policy':<34} {'frames':>6} {'reuse':>6} {'skipped':>8} {'cos mean':>9} {'cos p5':>7} "
-              f"{'cos min':>8} {'L2 mean':>8}  signals p50/p75/p90/p95")
-    lines = [header, "-" * len(header)]
+    """The replay summary rows (summarize_policy) as the text table `libero-eval replay` prints."""
+    cells = []
     for r in rows:
         signals = "; ".join(f"{k} " + "/".join(f"{v:.3g}" for v in p.values()) for k, p in r["signals"].items())
-        lines.append(f"{r['policy']:<34} {r['frames']:>6} {r['reuse_rate']:>6.0%} {r['compute_skipped']:>8.1%} "
-                     f"{r['cos_mean']:>9.4f} {r['cos_p5']:>7.4f} {r['cos_min']:>8.4f} {r['l2_mean']:>8.4f}  {signals}")
-    return "\n".join(lines)
+        cells.append([r["policy"], r["frames"], f"{r['reuse_rate']:.0%}", f"{r['compute_skipped']:.1%}",
+                      f"{r['cos_mean']:.4f}", f"{r['cos_p5']:.4f}", f"{r['cos_min']:.4f}", f"{r['l2_mean']:.4f}",
+                      signals])
+    return tables.format_table(REPLAY_HEADERS, cells, align="<>>>>>>><")
 
 
 # ---- command line
@@ -179,8 +148,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def parse_policy(text: str) -> dict[str, Any]:
     """'fixed_window:window=3,num_steps=5' -> {'name': 'fixed_window', 'window': 3, 'num_steps': 5}."""
-    import yaml
-
     name, _, rest = text.partition(":")
     entry: dict[str, Any] = {"name": name.strip()}
     for item in filter(None, (part.strip() for part in rest.split(","))):
@@ -192,8 +159,6 @@ def parse_policy(text: str) -> dict[str, Any]:
 
 
 def policy_entries(files: list[str], inline: list[str]) -> list[dict[str, Any]]:
-    import yaml
-
     entries: list[dict[str, Any]] = []
     for file in files:
         data = yaml.safe_load(Path(file).read_text())
@@ -207,8 +172,6 @@ def policy_entries(files: list[str], inline: list[str]) -> list[dict[str, Any]]:
 
 def run_config(run_dir: Path) -> dict[str, Any]:
     """The sweep config stored in a run directory (config.yaml), or {} when there is none."""
-    import yaml
-
     path = run_dir / "config.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
@@ -235,10 +198,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    from libero_eval.config import ConfigError, expand_variants
-    from libero_eval.policy_factory import MODEL_FREE, PolicySpecError, load_pi05, validate_variant
+def replay_model(args: argparse.Namespace, stored: dict[str, Any]) -> ModelConfig:
+    """--checkpoint, else the run's own model section (config.yaml), else the tiny random model."""
+    if args.checkpoint:
+        return ModelConfig(kind="checkpoint", checkpoint=args.checkpoint, device=args.device, dtype=args.dtype)
+    if stored.get("model"):
+        section = {**stored["model"], "device": args.device}
+        if args.dtype:
+            section["dtype"] = args.dtype
+        return ModelConfig(**section)
+    return ModelConfig(kind="tiny", seed=args.model_seed, device=args.device)
 
+
+def run(args: argparse.Namespace) -> int:
     try:
         files, default_out = locate(args.source)
         stored = run_config(default_out.parent)
@@ -247,39 +219,35 @@ def run(args: argparse.Namespace) -> int:
             entries = [e for e in stored.get("policies", []) if e.get("name") not in MODEL_FREE] or DEFAULT_POLICIES
         variants = expand_variants(entries)
         for v in variants:
-            validate_variant(v)
-            if v.name in MODEL_FREE:
-                raise PolicySpecError(f"policy {v.label!r} has no model to replay; use the Pi0.5 cache policies")
+            if v.model_free:
+                raise ValueError(f"policy {v.label!r} has no model to replay; use the Pi0.5 cache policies")
         if args.max_batch < 1 or (args.max_frames is not None and args.max_frames < 1):
             raise ValueError(f"--max-batch and --max-frames must be >= 1, got {args.max_batch}, {args.max_frames}")
+        model = replay_model(args, stored)
         sequences = [load_sequence(f) for f in files]
-    except (ValueError, ConfigError, OSError) as exc:
+    except (ValueError, TypeError, ConfigError, OSError) as exc:
         print(f"libero-eval replay: error: {exc}", file=sys.stderr)
         return 2
     if args.max_frames is not None:
         for seq in sequences:
             seq.observations, seq.env_steps = seq.observations[: args.max_frames], seq.env_steps[: args.max_frames]
 
-    from tqdm import tqdm
-
-    from policies.cache.engine import CachedPi05Engine
-
-    if args.checkpoint:
-        model = {"kind": "checkpoint", "checkpoint": args.checkpoint, "device": args.device, "dtype": args.dtype}
-    elif stored.get("model"):
-        model = {**stored["model"], "device": args.device}
-    else:
-        model = {"kind": "tiny", "seed": args.model_seed, "device": args.device}
-    base = load_pi05(model)
-    engine = CachedPi05Engine(base.model, base.processor, shadow=True, label=base.label)
+    loaded = load_model(model)  # eager stages: fidelity is the cache policies', whatever the run's backend
+    engine = Pi05Engine(loaded.model, loaded.processor, shadow=True, label=loaded.label)
+    try:
+        for v in variants:  # checked against the model before any frame is served
+            engine.bind(v)
+    except PolicyError as exc:
+        print(f"libero-eval replay: error: {exc}", file=sys.stderr)
+        return 2
     total = len(variants) * sum(len(s.observations) for s in sequences)
     with tqdm(total=total, desc="replay", unit="frame", dynamic_ncols=True) as bar:
         records = replay(engine, sequences, variants, args.max_batch, progress=bar.update)
 
-    described = base.describe()
     summary = {
-        "model": {**model, "label": base.label, "config": described["config"], "dtype": described["dtype"],
-                  "device": described["device"]},
+        "model": {**dataclasses.asdict(model), "label": loaded.label, "config": loaded.model.config.name,
+                  "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+                  "device": str(engine.device)},
         "sequences": len(sequences),
         "policies": [summarize_policy(v, records[v.label]) for v in variants],
     }

@@ -21,11 +21,13 @@ import numpy as np
 import yaml
 
 from libero_eval import plots
+from libero_eval.config import expand_variants
 from libero_eval.plots import overall_rows
 from libero_eval.specs import EpisodeResult
 from libero_eval.stats import wilson_interval
 from libero_eval.store import RESULTS_FILE, ResultStore
 from libero_eval.sweep_summary import REUSE_DECISIONS, pick_baseline, policy_rows
+from tasks import registry
 
 REPLAY_SUMMARY = Path("replay") / "replay_summary.json"
 PLOTS_DIR = "report"  # PNG copies of the plots, for summary.md
@@ -121,8 +123,6 @@ def load_run(run_dir: str | Path) -> RunData:
     variants: dict[str, dict[str, Any]] = {}
     planned = None
     if config:
-        from libero_eval.config import expand_variants
-
         for v in expand_variants(config.get("policies") or []):
             variants[v.label] = {"name": v.name, **v.param_dict}
         planned = _planned(config, len(variants))
@@ -145,8 +145,6 @@ def load_run(run_dir: str | Path) -> RunData:
 
 
 def _planned(config: dict[str, Any], n_variants: int) -> int | None:
-    from tasks import registry
-
     try:
         tasks = sum(registry.num_tasks(s) if t == "all" else len(t) for s, t in config["suites"].items())
         trials = config["trials"] if isinstance(config["trials"], int) else len(config["trials"])
@@ -292,7 +290,8 @@ def _notes(data: RunData) -> list[str]:
     notes = [data.state]
     if data.retries:
         notes.append(f"{data.retries} infrastructure failures were retried (attempts.jsonl)")
-    from libero_eval.policy_factory import MODEL_FREE
+    # policies.serving imports torch (~2 s, via the cache policies): only this check needs it
+    from policies.serving.variants import MODEL_FREE
 
     model = (data.config or {}).get("model") or {}
     if model.get("kind") == "tiny" and any(v["name"] not in MODEL_FREE for v in data.variants.values()):

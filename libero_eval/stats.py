@@ -5,14 +5,20 @@ import math
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion; (0, 1) when n == 0."""
+    """95% Wilson score interval of a binomial proportion; (0, 1) when n == 0.
+
+    The bounds always bracket k/n, and are exactly 0 at k == 0 and exactly 1 at k == n: the closed form
+    gives 2.8e-17 for 0/6 and 0.9999999999999999 for 10/10 in floating point, which turned the error bars
+    drawn from rate - low and high - rate negative (matplotlib refuses those)."""
     if n == 0:
         return 0.0, 1.0
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if successes == 0 else min(p, max(0.0, centre - half))
+    hi = 1.0 if successes == n else max(p, min(1.0, centre + half))
+    return lo, hi
 
 
 def mcnemar_exact(b: int, c: int) -> float:

@@ -5,6 +5,7 @@ from collections import defaultdict
 
 from libero_eval.specs import EpisodeResult
 from libero_eval.stats import wilson_interval
+from libero_eval.tables import format_table
 
 
 def _rate(results: list[EpisodeResult]) -> str:
@@ -23,10 +24,7 @@ def summary_table(results: list[EpisodeResult]) -> str:
     by_label: dict[str, list[EpisodeResult]] = defaultdict(list)
     for r in results:
         by_label[r.policy_label].append(r)
-    lines = []
-    header = f"{'policy':<18} {'suite':<15} {'task':>4} {'success (95% Wilson)':<26} {'errors':>6} {'steps':>6} {'s/ep':>7}"
-    lines.append(header)
-    lines.append("-" * len(header))
+    rows = []
     for label, rs in sorted(by_label.items()):
         by_task: dict[tuple[str, int], list[EpisodeResult]] = defaultdict(list)
         for r in rs:
@@ -35,9 +33,10 @@ def summary_table(results: list[EpisodeResult]) -> str:
             errors = sum(r.status == "error" for r in trs)
             steps = sum(r.steps for r in trs) / len(trs)
             wall = sum(r.wall_s for r in trs) / len(trs)
-            lines.append(f"{label:<18} {suite:<15} {task_id:>4} {_rate(trs):<26} {errors:>6} {steps:>6.0f} {wall:>7.1f}")
-        errors = sum(r.status == "error" for r in rs)
-        lines.append(f"{label:<18} {'ALL':<15} {'':>4} {_rate(rs):<26} {errors:>6}")
+            rows.append([label, suite, task_id, _rate(trs), errors, f"{steps:.0f}", f"{wall:.1f}"])
+        rows.append([label, "ALL", "", _rate(rs), sum(r.status == "error" for r in rs), "", ""])
+    lines = [format_table(["policy", "suite", "task", "success (95% Wilson)", "errors", "steps", "s/ep"], rows,
+                          align="<<><>>>")]
     failed = [r for r in results if r.status == "error"]
     if failed:
         lines.append("")

@@ -18,23 +18,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
 import yaml
+from tqdm import tqdm
 
 from libero_eval.config import ConfigError, SweepConfig, diff_configs
+from libero_eval.episode import remove_partial_videos
+from libero_eval.ray_actors import PolicyActor, RolloutWorker
 from libero_eval.specs import EpisodeResult, EpisodeSpec
-from libero_eval.store import ResultStore
+from libero_eval.store import INFRA_REASONS, ResultStore
+from tasks import registry
 
 log = logging.getLogger("libero_eval")
-
-# Errors that are the infrastructure's, not the policy's or the task's: retried up to ray.max_retries.
-RETRYABLE_REASONS = {"env_error", "render_error", "policy_unavailable", "worker_died"}
 
 
 def plan_episodes(config: SweepConfig) -> list[EpisodeSpec]:
     """suites/tasks x trials x variants. Order: by task, then trial, then variant (so the variants of one
     (task, trial) pair run close together and a worker keeps its env)."""
-    from tasks import registry
-
     specs = []
     for suite, task_id in config.task_list():
         max_steps = config.max_steps or registry.MAX_STEPS[suite]
@@ -74,8 +75,6 @@ def init_ray(config: SweepConfig) -> None:
     """Start a local Ray on 127.0.0.1 (or join ray.address), with enough logical CPUs for every actor: an
     actor that cannot be placed would wait forever."""
     global _STARTED_LOCALLY
-    import ray
-
     need = required_cpus(config)
     if ray.is_initialized():
         have = ray.cluster_resources().get("CPU", 0)
@@ -143,13 +142,9 @@ class _Scheduler:
 
 def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_result=None,
               on_start=None) -> SweepOutcome:
-    """Run every planned episode that has no stored result yet. `on_result(result)` is called after each
+    """Run every planned episode that has no stored task outcome yet (none, or an infrastructure error whose
+    retries ran out: the new result supersedes it, see store.py). `on_result(result)` is called after each
     stored result, `on_start(workers, policy_actor)` once the actors exist (tests, integrations)."""
-    import ray
-    from tqdm import tqdm
-
-    from libero_eval.ray_actors import PolicyActor, RolloutWorker
-
     t0 = time.perf_counter()
     run_dir = prepare_run_dir(config, out)
     store = ResultStore(run_dir)
@@ -158,8 +153,11 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
     todo = [s for s in specs if s.key not in done]
     attempts_log = run_dir / "attempts.jsonl"
     if len(todo) < len(specs):
-        print(f"resuming {run_dir}: {len(specs) - len(todo)} of {len(specs)} episodes already stored")
+        again = len({r.key for r in store.load()} & {s.key for s in todo})
+        print(f"resuming {run_dir}: {len(specs) - len(todo)} of {len(specs)} episodes already stored"
+              + (f"; {again} stored infrastructure error(s) run again" if again else ""))
     outcome = SweepOutcome(run_dir, [], len(specs), 0, 0, 0.0, {})
+    remove_partial_videos(run_dir)  # of attempts killed in an earlier, interrupted run
     if todo:
         init_ray(config)
         variants = config.variants()
@@ -168,19 +166,12 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
         actor_opts = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": r.policy_actor_cpus}
         actor_name = f"libero-eval-policy-{uuid.uuid4().hex[:8]}"
         policy_actor = PolicyActor.options(name=actor_name, max_restarts=r.max_retries, **actor_opts).remote(
-            config.model.__dict__, variants, r.max_batch, r.batch_wait_ms, None if use_gpu else 1,
+            config.model, variants, r.max_batch, r.batch_wait_ms, None if use_gpu else 1,
             config.episode.shadow, config.episode.replan_steps)
-        descriptions = {v.label: {"label": v.label, "name": v.name, **v.param_dict} for v in variants}
-        episode_settings = {
-            "replan_steps": config.episode.replan_steps,
-            "video": config.episode.video,
-            "video_wrist": config.episode.video_wrist,
-            "record_observations": config.episode.record_observations,
-        }
         n_workers = min(r.num_workers, len(todo))
         workers = [
             RolloutWorker.options(num_cpus=r.cpus_per_worker, max_restarts=-1, max_task_retries=0).remote(
-                dataclasses.asdict(config.env), episode_settings, str(run_dir), actor_name, descriptions)
+                config.env, config.episode, str(run_dir), actor_name, variants)
             for _ in range(n_workers)
         ]
         scheduler = _Scheduler(todo)
@@ -200,11 +191,11 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
                 return
             spec, attempt = nxt
             worker_task[i] = (spec.suite, spec.task_id)
-            ref = workers[i].run.remote(dataclasses.asdict(spec), attempt)
+            ref = workers[i].run.remote(spec, attempt)
             pending[ref] = (i, spec, attempt)
 
         def retry_or_store(spec: EpisodeSpec, attempt: int, result: EpisodeResult) -> None:
-            if result.status == "error" and result.reason in RETRYABLE_REASONS and attempt <= r.max_retries:
+            if result.status == "error" and result.reason in INFRA_REASONS and attempt <= r.max_retries:
                 with open(attempts_log, "a") as f:
                     f.write(json.dumps({"key": spec.key, "attempt": attempt, "reason": result.reason,
                                         "error": result.error, "at": _now()}) + "\n")
@@ -252,7 +243,12 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
             bar.close()
             for w in workers:
                 ray.kill(w, no_restart=True)
+            try:  # stop the actor's batching loop before the process goes
+                ray.get(policy_actor.shutdown.remote(), timeout=10)
+            except Exception as exc:
+                log.debug("policy actor shutdown: %s", exc)
             ray.kill(policy_actor, no_restart=True)
+            remove_partial_videos(run_dir)  # attempts that never finished (a killed worker's, an interrupt's)
     keys = {s.key for s in specs}
     outcome.results = [res for res in store.load() if res.key in keys]
     outcome.wall_s = time.perf_counter() - t0
@@ -260,18 +256,11 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
 
 
 def _gpu_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
+    return torch.cuda.is_available()
 
 
 def _wait_alive(worker, timeout_s: float = 120.0) -> None:
     """After a worker died, wait until Ray has restarted it (calls fail with ActorUnavailableError until then)."""
-    import ray
-
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
         try:

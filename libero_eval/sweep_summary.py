@@ -3,10 +3,11 @@
 by reason, latency and speedup, shadow deviation."""
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from statistics import mean
 from typing import Any
 
+from libero_eval import tables
 from libero_eval.specs import EpisodeResult
 from libero_eval.stats import mcnemar_exact, wilson_interval
 
@@ -75,29 +76,28 @@ def _min_signal(records, name):
     return min(values) if values else None
 
 
-def _fmt(value, spec, none="-"):
-    return none if value is None else format(value, spec)
+SWEEP_HEADERS = ["policy", "suite", "success (95% CI)", "vs {baseline}", "reuse", "lat ms", "speedup", "shadow cos",
+                 "full frames by reason"]
 
 
 def format_table(rows: list[dict[str, Any]], baseline: str | None) -> str:
-    header = (f"{'policy':<32} {'suite':<15} {'success (95% CI)':<22} {'vs ' + (baseline or '-'):<18} "
-              f"{'reuse':>6} {'lat ms':>8} {'speedup':>7} {'shadow cos':>10}  full frames by reason")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        success = "-" if r["success_rate"] is None else (
-            f"{r['successes']}/{r['n']} {100 * r['success_rate']:.0f}% [{100 * r['wilson_low']:.0f}-{100 * r['wilson_high']:.0f}]")
-        if "pairs" in r:
-            paired = f"-{r['base_only']}/+{r['variant_only']} p={r['mcnemar_p']:.2f}"
-        else:
-            paired = "(baseline)" if r["policy"] == baseline else "-"
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["full_by_reason"].items(), key=lambda kv: -kv[1]))
-        lines.append(
-            f"{r['policy']:<32} {r['suite']:<15} {success:<22} {paired:<18} {_fmt(r['reuse_rate'], '6.0%'):>6} "
-            f"{_fmt(r['latency_ms'], '8.1f'):>8} {_fmt(r['speedup'], '6.2f') + ('x' if r['speedup'] else ''):>7} "
-            f"{_fmt(r['shadow_cos_mean'], '10.3f'):>10}  {reasons}"
-            + (f"  [{r['errors']} errors]" if r["errors"] else "")
-        )
-    return "\n".join(lines)
+    headers = [h.format(baseline=baseline or "-") for h in SWEEP_HEADERS]
+    return tables.format_table(headers, [_table_row(r, baseline) for r in rows], align="<<<<>>>><")
+
+
+def _table_row(r: dict[str, Any], baseline: str | None) -> list[str]:
+    success = "-" if r["success_rate"] is None else (
+        f"{r['successes']}/{r['n']} {100 * r['success_rate']:.0f}% [{100 * r['wilson_low']:.0f}-{100 * r['wilson_high']:.0f}]")
+    if "pairs" in r:
+        paired = f"-{r['base_only']}/+{r['variant_only']} p={r['mcnemar_p']:.2f}"
+    else:
+        paired = "(baseline)" if r["policy"] == baseline else "-"
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["full_by_reason"].items(), key=lambda kv: -kv[1]))
+    if r["errors"]:
+        reasons = f"{reasons}  [{r['errors']} errors]".lstrip()
+    fmt = tables.fmt
+    return [r["policy"], r["suite"], success, paired, fmt(r["reuse_rate"], ".0%"), fmt(r["latency_ms"], ".1f"),
+            fmt(r["speedup"], ".2f", "x"), fmt(r["shadow_cos_mean"], ".3f"), reasons]
 
 
 def pick_baseline(labels: list[str], names: dict[str, str]) -> str | None:

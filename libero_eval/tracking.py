@@ -25,9 +25,15 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from PIL import Image
+
+from libero_eval import plots
 from libero_eval.config import ConfigError, SweepConfig, WandbConfig
+from libero_eval.plots import overall_rows
+from libero_eval.report import REPLAY_SUMMARY, episode_metrics, latency_p95, load_run, task_rows
 from libero_eval.specs import EpisodeResult
 from libero_eval.store import RESULTS_FILE, ResultStore
+from libero_eval.sweep_summary import pick_baseline
 
 log = logging.getLogger("libero_eval")
 
@@ -99,8 +105,6 @@ class SweepInfo:
 
     @classmethod
     def from_config(cls, config: SweepConfig) -> "SweepInfo":
-        from libero_eval.sweep_summary import pick_baseline
-
         variants = {v.label: {"name": v.name, **v.param_dict} for v in config.variants()}
         return cls(config.name, config.to_dict(), variants, config.trial_list(),
                    pick_baseline(list(variants), {k: v["name"] for k, v in variants.items()}))
@@ -253,8 +257,6 @@ class WandbTracker(Tracker):
             self._log_episode(self._open(result.policy_label), result)
 
     def finish(self, results: list[EpisodeResult], rows: list[dict[str, Any]], baseline: str | None) -> None:
-        from libero_eval import plots
-
         with self._env():
             marker = self._read_marker()
             by_label: dict[str, list[EpisodeResult]] = defaultdict(list)
@@ -290,7 +292,7 @@ class WandbTracker(Tracker):
     def _open(self, label: str):
         if label in self._runs:
             return self._runs[label]
-        import wandb
+        import wandb  # ~1 s to import: only once a W&B run opens, never for a sweep without W&B
 
         if self.settings.mode == "online" and not wandb.login(prompt=False, verify=False):
             # without this, wandb.init would stop the sweep at an interactive login prompt
@@ -313,11 +315,7 @@ class WandbTracker(Tracker):
         return run
 
     def _log_episode(self, run, result: EpisodeResult) -> None:
-        import wandb
-        from PIL import Image
-
-        from libero_eval import plots
-        from libero_eval.report import episode_metrics
+        import wandb  # ~1 s to import: only once a W&B run opens
 
         label = result.policy_label
         if result.key in self._logged[label]:
@@ -342,8 +340,7 @@ class WandbTracker(Tracker):
 
     def _log_final(self, run, label: str, mine: list[EpisodeResult], rows: list[dict[str, Any]],
                    bars_png: bytes, pareto_png: bytes) -> None:
-        import wandb
-        from PIL import Image
+        import wandb  # ~1 s to import: only once a W&B run opens
 
         for key in EPISODE_IDS:  # per-episode identifiers: their "last value" summary means nothing
             if key in run.summary.keys():
@@ -365,8 +362,6 @@ class WandbTracker(Tracker):
         })
 
     def _replay(self) -> dict[str, Any] | None:
-        from libero_eval.report import REPLAY_SUMMARY
-
         path = self.run_dir / REPLAY_SUMMARY
         return json.loads(path.read_text()) if path.is_file() else None
 
@@ -383,7 +378,7 @@ def _flush_wandb() -> None:
     """Wait until wandb's service has written everything: `run.finish()` returns before the offline record
     log is complete on disk, and a sweep process killed right after must not leave a torn log. The service
     is per process and this process's W&B user is this tracker, so tearing it down is ours to do."""
-    import wandb
+    import wandb  # ~1 s to import: only once a W&B run opens
 
     wandb.teardown()
 
@@ -393,9 +388,6 @@ def summary_values(label: str, mine: list[EpisodeResult], rows: list[dict[str, A
     """A variant run's summary: its overall row of policy_rows, plus latency p95 and Hz, per-suite and
     per-task success with Wilson bounds, `episode/*` as means over the scored episodes (not the last
     episode's values), and its offline replay fidelity when present."""
-    from libero_eval.plots import overall_rows
-    from libero_eval.report import episode_metrics, latency_p95, task_rows
-
     out: dict[str, Any] = {}
     overall = next((r for r in overall_rows(rows) if r["policy"] == label), None)
     if overall is not None:
@@ -444,8 +436,6 @@ def make_tracker(config: SweepConfig, run_dir: str | Path) -> Tracker:
 def log_run_dir(run_dir: str | Path, mode: str | None = None) -> list[str]:
     """Log a finished (or partial) run directory to W&B from results.jsonl, after the fact; one fresh run per
     variant, tagged `relogged`. Returns the labels logged. Raises on failure: the caller asked for it."""
-    from libero_eval.report import load_run
-
     data = load_run(run_dir)
     settings = WandbConfig(**((data.config or {}).get("wandb") or {}))
     settings.mode = mode or (settings.mode if settings.mode != "disabled" else "offline")

@@ -1,11 +1,17 @@
 """Policies without a model: for smoke runs and tests of the harness itself."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
 from policies.base import ACTION_DIM, ActionChunk, InferenceRecord, Policy
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldConfig:
+    horizon: int = 10  # actions per chunk
 
 
 class HoldPolicy(Policy):

@@ -27,6 +27,7 @@ if os.environ["MUJOCO_GL"] == "egl":
 
 import numpy as np
 
+from tasks.privileged import privileged_state
 from tasks.registry import TaskInfo
 
 CAMERAS = ("agentview", "robot0_eye_in_hand")
@@ -47,8 +48,8 @@ class EnvConfig:
     hard_reset: bool = True  # LIBERO's default (reload the model on every reset), as in openpi's eval
 
     def __post_init__(self) -> None:
-        if not 32 <= int(self.resolution) <= 1024:
-            raise ValueError(f"env resolution must be in 32..1024, got {self.resolution}")
+        if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or not 32 <= self.resolution <= 1024:
+            raise ValueError(f"resolution: expected an integer camera size in 32..1024 pixels, got {self.resolution!r}")
 
 
 @dataclasses.dataclass
@@ -140,7 +141,7 @@ class LiberoEnv:
         self._last_render_ok = {c: False for c in CAMERAS}
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
-            from libero.libero.envs import OffScreenRenderEnv
+            from libero.libero.envs import OffScreenRenderEnv  # heavy (robosuite, MuJoCo); noisy on import
 
             self._env = OffScreenRenderEnv(
                 bddl_file_name=task.bddl_path,
@@ -255,8 +256,6 @@ class LiberoEnv:
 
     def privileged(self) -> dict[str, Any]:
         """Goal, object boxes and gripper pose for oracle policies (see tasks.privileged)."""
-        from tasks.privileged import privileged_state
-
         return privileged_state(self._robosuite)
 
     # -- internals ---------------------------------------------------------------------------------

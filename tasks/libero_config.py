@@ -15,7 +15,7 @@ import yaml
 
 
 def ensure_config(quiet: bool = False) -> Path:
-    import libero.libero as ll
+    import libero.libero as ll  # LIBERO's package import is slow; only this command needs it
 
     target_dir = Path(os.environ.get("LIBERO_CONFIG_PATH", getattr(ll, "libero_config_path", "~/.libero"))).expanduser()
     config_file = target_dir / "config.yaml"

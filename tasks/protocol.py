@@ -20,13 +20,6 @@ DUMMY_ACTION = np.array([0.0] * 6 + [-1.0], dtype=np.float64)  # no motion, grip
 AGENTVIEW = "agentview_image"
 WRIST = "robot0_eye_in_hand_image"
 
-# Keys of the observation dict handed to policies (the contract, mirrored in policies/base.py).
-IMAGE_KEY = "observation/image"
-WRIST_IMAGE_KEY = "observation/wrist_image"
-STATE_KEY = "observation/state"
-PROMPT_KEY = "prompt"
-PRIVILEGED_KEY = "privileged"
-
 
 def rotate_180(image: np.ndarray) -> np.ndarray:
     # image: [H, W, C] -> [H, W, C], flipped in both spatial axes (LIBERO renders upside down)
@@ -72,28 +65,3 @@ def state_vector(raw_obs: dict[str, Any]) -> np.ndarray:
 
 def model_image(raw_image: np.ndarray, size: int = MODEL_IMAGE_SIZE) -> np.ndarray:
     return resize_with_pad(rotate_180(raw_image), size, size)
-
-
-def observation(raw_obs: dict[str, Any], prompt: str, privileged: dict[str, Any] | None = None,
-                images: bool = True) -> dict[str, Any]:
-    """The observation dict a policy receives (keys: see policies/base.py); `images=False` leaves the
-    camera images out (policies that never read them: no render needed)."""
-    if not images:
-        obs = {STATE_KEY: state_vector(raw_obs), PROMPT_KEY: str(prompt)}
-        if privileged is not None:
-            obs[PRIVILEGED_KEY] = privileged
-        return obs
-    if AGENTVIEW not in raw_obs or WRIST not in raw_obs:
-        raise KeyError(
-            "camera images missing from this step's observation: with lazy rendering, images exist only on "
-            "steps announced with env.expect_observation()"
-        )
-    obs = {
-        IMAGE_KEY: model_image(raw_obs[AGENTVIEW]),
-        WRIST_IMAGE_KEY: model_image(raw_obs[WRIST]),
-        STATE_KEY: state_vector(raw_obs),
-        PROMPT_KEY: str(prompt),
-    }
-    if privileged is not None:
-        obs[PRIVILEGED_KEY] = privileged
-    return obs

@@ -44,7 +44,7 @@ class TaskInfo:
 def _quiet_import_benchmark():
     # LIBERO's benchmark module prints "[info] Applying task order ..." on every suite construction.
     with contextlib.redirect_stdout(io.StringIO()):
-        from libero.libero import benchmark, get_libero_path
+        from libero.libero import benchmark, get_libero_path  # heavy; prints on import (see above)
     return benchmark, get_libero_path
 
 

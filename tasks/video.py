@@ -33,7 +33,7 @@ class VideoWriter:
     """Writes frames to an mp4 (libx264, ultrafast) as they come; nothing is kept in memory."""
 
     def __init__(self, path: str | Path, fps: int = 10):
-        import imageio.v2 as imageio
+        import imageio.v2 as imageio  # pulls ffmpeg's plugin machinery: only where videos are written
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,15 +61,3 @@ class VideoWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def unique_path(path: Path) -> Path:
-    """`path` if free, else path with _2, _3 ... before the suffix: an existing video is never overwritten."""
-    if not path.exists():
-        return path
-    k = 2
-    while True:
-        candidate = path.with_name(f"{path.stem}_{k}{path.suffix}")
-        if not candidate.exists():
-            return candidate
-        k += 1

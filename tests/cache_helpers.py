@@ -7,12 +7,15 @@ import numpy as np
 import torch
 
 from policies.base import IMAGE_KEY, WRIST_IMAGE_KEY
-from policies.cache.base import Decision, Frame, FrameOutputs, PrefixLayout
-from policies.cache.engine import CachedPi05Engine
-from policies.engine import PolicyVariant, Request
+from policies.cache import make_cache_policy
+from policies.cache.base import CachePolicy, Decision, Frame, FrameOutputs, PrefixLayout
+from policies.serving.engine import Request
+from policies.serving.pi05 import Pi05Engine
+from policies.serving.variants import PolicyVariant
 from policies.pi05.configuration import Pi05Config
-from policies.pi05.modeling import Pi05Model, PrefixKV
+from policies.pi05.modeling import Pi05Model
 from policies.pi05.processing import TINY_TOKENIZER, Normalizer, Pi05Processor, PromptTokenizer
+from policies.pi05.stages import PrefixKV
 from tests.pi05_helpers import random_model, small_config
 
 
@@ -31,15 +34,15 @@ def processor(config: Pi05Config) -> Pi05Processor:
     return Pi05Processor(config, PromptTokenizer(TINY_TOKENIZER, config.max_token_len), Normalizer.identity())
 
 
-def engine(model: Pi05Model, shadow: bool = False) -> CachedPi05Engine:
-    return CachedPi05Engine(model, processor(model.config), shadow=shadow)
+def engine(model: Pi05Model, shadow: bool = False) -> Pi05Engine:
+    return Pi05Engine(model, processor(model.config), shadow=shadow)
 
 
 def variant(name: str, label: str | None = None, **params) -> PolicyVariant:
     return PolicyVariant.make(label or name, name, params)
 
 
-def run_session(eng: CachedPi05Engine, v: PolicyVariant, observations: list[dict], seed: int = 5,
+def run_session(eng: Pi05Engine, v: PolicyVariant, observations: list[dict], seed: int = 5,
                 session: str = "s") -> list:
     """Serve `observations` one by one in a fresh session; returns the ActionChunks."""
     eng.open(session, v, seed)
@@ -100,8 +103,40 @@ def outputs_for(decision: Decision, lay: PrefixLayout, kv_value: float = 0.0,
     )
 
 
+class Driven:
+    """A cache policy with one session's state, called as the engine calls it (decide / update)."""
+
+    def __init__(self, policy: CachePolicy):
+        self.policy, self.state = policy, policy.new_state()
+
+    def decide(self, f: Frame) -> Decision:
+        return self.policy.decide(f, self.state)
+
+    def update(self, f: Frame, d: Decision, outputs: FrameOutputs) -> None:
+        self.policy.update(f, d, outputs, self.state)
+
+    def reset(self) -> None:
+        """A new session: what the engine does when an episode starts."""
+        self.state = self.policy.new_state()
+
+    def reuse_kv(self):
+        return self.state.reuse_kv()
+
+    def nbytes(self) -> int:
+        return self.state.nbytes()
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+
+def driven(name: str, **params) -> Driven:
+    """Cache policy `name` on the test layout, parameters validated as a config entry's are."""
+    return Driven(make_cache_policy(name, PolicyVariant.make(name, name, params).policy, layout()))
+
+
 def drive(policy, frames: list[Frame], lay: PrefixLayout, **outputs_kw) -> list[Decision]:
-    """decide + update over a scripted frame sequence."""
+    """decide + update over a scripted frame sequence (a bare CachePolicy gets a fresh session state)."""
+    policy = policy if isinstance(policy, Driven) else Driven(policy)
     decisions = []
     for f in frames:
         d = policy.decide(f)

@@ -1,5 +1,9 @@
-"""Test helpers: scripted policies and sim-state edits (test doubles never used by the shipped path)."""
+"""Test helpers: scripted policies and sim-state edits (test doubles never used by the shipped path), and
+reading a run directory's stored results."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -62,6 +66,12 @@ class CrashingPolicy(Policy):
 
     def infer(self, observation):
         raise RuntimeError("deliberate policy crash")
+
+
+def read_results(run_dir) -> list[dict]:
+    """The stored result lines of a run directory (results.jsonl), as dicts, in file order."""
+    text = (Path(run_dir) / "results.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def random_actions(n: int, seed: int = 0, scale: float = 0.4) -> np.ndarray:

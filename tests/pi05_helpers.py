@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import save_file
 
 from policies.base import IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_IMAGE_KEY
 from policies.pi05.configuration import GemmaConfig, Pi05Config, SiglipConfig, tiny
-from policies.pi05.modeling import Pi05Inputs, Pi05Model
+from policies.pi05.modeling import Pi05Model
+from policies.pi05.stages import Pi05Inputs
 
 KEYS_FILE = Path(__file__).resolve().parents[1] / "policies" / "pi05" / "assets" / "lerobot061_pi05_keys.json"
 
@@ -139,11 +139,3 @@ def write_lerobot_processors(directory, mode: str) -> None:
          "config": {"eps": 1e-8, "features": {"action": features["action"]}, "norm_map": norm_map},
          "state_file": "policy_postprocessor_step_0_unnormalizer_processor.safetensors"}]}))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPU is shared with LIBERO simulations; one thread keeps timings and runs steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

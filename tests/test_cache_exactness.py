@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from policies.engine import Request
-from policies.pi05.policy import Pi05Policy
+from policies.serving.engine import Request
+from policies.serving.policy import Pi05Policy
 from tests.cache_helpers import cache_model, engine, moved, processor, run_session, variant
-from tests.pi05_helpers import observation, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from tests.pi05_helpers import observation
 
 SEED = 5
 
@@ -62,11 +62,11 @@ def test_vla_cache_with_every_vision_token_reused_equals_the_cached_prefix(model
     eng.open("s", v, SEED)
     obs = observation(0)
     (first,) = eng.infer_batch([Request("s", obs)])
-    cached = eng.policy("s").cache
+    cached = eng.session("s").state.prefix_kv
     (second,) = eng.infer_batch([Request("s", obs)])
     assert (second.record.decision, second.record.reason) == ("partial", "static_patches")
     assert second.record.extra["tokens_per_layer"][1:] == [784 - 512, 784 - 512]  # every camera token dropped
-    merged = eng.policy("s").cache
+    merged = eng.session("s").state.prefix_kv
     for layer in range(model.config.vlm.depth):
         assert torch.equal(merged.keys[layer], cached.keys[layer])
         assert torch.equal(merged.values[layer], cached.values[layer])

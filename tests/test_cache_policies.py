@@ -6,16 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from libero_eval.config import expand_variants
-from libero_eval.policy_factory import PolicySpecError, validate_variant
-from policies.cache import CachePolicyError, make_cache_policy, make_config
-from policies.cache.adaptive import AdaptivePolicy
-from policies.cache.attention_drift import AttentionDriftConfig, AttentionDriftPolicy
+from libero_eval.config import ConfigError, expand_variants
+from policies.cache import CachePolicyError, make_cache_policy
+from policies.cache.adaptive import AdaptiveConfig, AdaptivePolicy
+from policies.cache.attention_drift import AttentionDriftConfig
 from policies.cache.fixed_window import FixedWindowConfig, FixedWindowPolicy
-from policies.cache.vla_cache import VlaCacheConfig, VlaCachePolicy
-from policies.engine import PolicyVariant
-from tests.cache_helpers import drive, frame, layout, outputs_for
-from tests.pi05_helpers import one_thread  # noqa: F401 (one_thread: autouse fixture)
+from policies.cache.vla_cache import VlaCacheConfig
+from policies.serving.variants import PolicyVariant, VariantError
+from tests.cache_helpers import Driven, drive, driven, frame, layout, outputs_for
 
 
 def kinds(decisions):
@@ -47,7 +45,7 @@ def test_fixed_window_of_one_is_always_full():
 
 def test_reuse_serves_the_last_full_frames_kv_and_reset_forgets_it():
     lay = layout()
-    policy = FixedWindowPolicy(lay, FixedWindowConfig(window=2))
+    policy = Driven(FixedWindowPolicy(lay, FixedWindowConfig(window=2)))
     for i, value in enumerate([1.0, 2.0, 3.0]):  # full (kv 1), reuse (kv 2 ignored), full (kv 3)
         d = policy.decide(frame(i))
         policy.update(frame(i), d, outputs_for(d, lay, kv_value=value))
@@ -69,7 +67,7 @@ def test_adaptive_forced_refresh_restarts_the_window_and_records_pixel_mae():
     lay = layout()
     still, changed = torch.zeros(3, 3, 224, 224), changed_images(112)  # half of camera 0 moves by 127.5
     frames = [frame(i, images) for i, images in enumerate([still, still, changed, changed, changed, changed])]
-    decisions = drive(AdaptivePolicy(lay, make_config("adaptive", {"window": 3, "pixel_mae": 6.5})), frames, lay)
+    decisions = drive(AdaptivePolicy(lay, AdaptiveConfig(window=3, pixel_mae=6.5)), frames, lay)
     assert kinds(decisions) == ["full", "reuse", "full", "reuse", "reuse", "full"]
     assert reasons(decisions) == ["first_frame", "window", "pixel_mae", "window", "window", "scheduled"]
     assert decisions[2].signals["pixel_mae"] == pytest.approx(63.75)  # max over cameras: half of 127.5
@@ -83,13 +81,13 @@ def test_adaptive_threshold_is_inclusive_and_zero_means_every_frame_full():
     frames = [frame(0, torch.zeros(3, 3, 224, 224)), frame(1, changed_images(11))]
 
     def run(threshold):
-        return drive(AdaptivePolicy(lay, make_config("adaptive", {"window": 5, "pixel_mae": threshold})), frames, lay)
+        return drive(AdaptivePolicy(lay, AdaptiveConfig(window=5, pixel_mae=threshold)), frames, lay)
 
     measured = run(255.0)[1].signals["pixel_mae"]
     assert measured == pytest.approx(127.5 * 11 / 224, rel=1e-6)
     assert reasons(run(measured)) == ["first_frame", "pixel_mae"]  # >= forces the refresh
     assert reasons(run(measured + 1e-4)) == ["first_frame", "window"]
-    zero = drive(AdaptivePolicy(lay, make_config("adaptive", {"window": 5, "pixel_mae": 0.0})),
+    zero = drive(AdaptivePolicy(lay, AdaptiveConfig(window=5, pixel_mae=0.0)),
                  [frame(i, torch.zeros(3, 3, 224, 224)) for i in range(4)], lay)
     assert kinds(zero) == ["full"] * 4
 
@@ -97,8 +95,8 @@ def test_adaptive_threshold_is_inclusive_and_zero_means_every_frame_full():
 # ---- attention_drift
 
 
-def drift_policy(**params) -> AttentionDriftPolicy:
-    return make_cache_policy("attention_drift", params, layout())
+def drift_policy(**params) -> Driven:
+    return driven("attention_drift", **params)
 
 
 def test_attention_drift_first_frame_then_state_guard_against_the_last_full_frame():
@@ -137,15 +135,15 @@ def test_attention_drift_weights_pixel_change_by_the_dilated_importance_map():
 def test_attention_drift_presets():
     assert drift_policy(preset="seed_code").thresholds() == {"state_drift": 0.05, "weighted_drift": 0.5}
     assert drift_policy(preset="seed_code", drift_threshold=0.7).thresholds()["weighted_drift"] == 0.7
-    with pytest.raises(CachePolicyError, match=r"preset 'p99': expected one of \['distribution', 'seed_code'\]"):
-        make_config("attention_drift", {"preset": "p99"})
+    with pytest.raises(VariantError, match=r"preset 'p99': expected one of \['distribution', 'seed_code'\]"):
+        drift_policy(preset="p99")
 
 
 # ---- vla_cache
 
 
-def vla_policy(**params) -> VlaCachePolicy:
-    return make_cache_policy("vla_cache", params, layout())
+def vla_policy(**params) -> Driven:
+    return driven("vla_cache", **params)
 
 
 def test_vla_cache_first_frame_and_no_static_patches():
@@ -215,14 +213,16 @@ def test_vla_cache_entropy_schedule_sets_per_layer_counts():
 
 
 def test_unknown_name_or_parameter_lists_the_valid_ones():
-    with pytest.raises(PolicySpecError, match="unknown policy 'adaptiv'.*none, fixed_window, adaptive, "
-                                              "attention_drift, vla_cache"):
-        validate_variant(PolicyVariant.make("x", "adaptiv"))
-    with pytest.raises(PolicySpecError, match="no parameter 'threshold'; valid parameters: num_steps, pixel_mae, "
-                                              "schedule, solver, window"):
-        validate_variant(PolicyVariant.make("x", "adaptive", {"threshold": 6.5}))
-    with pytest.raises(CachePolicyError, match=r"no parameter\(s\) \['windows'\]; valid parameters: window"):
-        make_config("fixed_window", {"windows": 2})
+    with pytest.raises(VariantError, match="unknown policy 'adaptiv'.*none, fixed_window, adaptive, "
+                                           "attention_drift, vla_cache"):
+        PolicyVariant.make("x", "adaptiv")
+    with pytest.raises(VariantError, match="no parameter 'threshold'; valid parameters: num_steps, pixel_mae, "
+                                           "schedule, solver, window"):
+        PolicyVariant.make("x", "adaptive", {"threshold": 6.5})
+    with pytest.raises(ConfigError, match=r"policies\[0\]: policy 'fixed_window' has no parameter 'windows'"):
+        expand_variants([{"name": "fixed_window", "windows": 2}])
+    with pytest.raises(CachePolicyError, match="takes a FixedWindowConfig, got AdaptiveConfig"):
+        make_cache_policy("fixed_window", AdaptiveConfig(), layout())
 
 
 def test_bad_values_are_named():
@@ -236,8 +236,8 @@ def test_bad_values_are_named():
         ("adaptive", {"window": 2.5}, "parameter 'window': expected int, got 2.5"),
     ]
     for name, params, message in cases:
-        with pytest.raises(PolicySpecError, match=message):
-            validate_variant(PolicyVariant.make("x", name, params))
+        with pytest.raises(VariantError, match=message):
+            PolicyVariant.make("x", name, params)
     with pytest.raises(CachePolicyError, match=r"pruning_layers \[5\] out of range for a model of depth 3"):
         vla_policy(pruning_layers="5")
 
@@ -246,7 +246,7 @@ def test_config_entries_expand_and_validate():
     variants = expand_variants([{"name": "none"}, {"name": "adaptive", "window": 3, "pixel_mae": [6.0, 7]},
                                 {"name": "attention_drift", "state_threshold": None, "solver": "heun"},
                                 {"name": "vla_cache", "pruning_layers": "1,3,5,6", "reuse_proportion": 0.5}])
-    for v in variants:
-        validate_variant(v)
+    assert variants[4].policy == VlaCacheConfig(pruning_layers="1,3,5,6", reuse_proportion=0.5)
+    assert variants[3].denoise.solver == "heun" and variants[3].policy.state_threshold is None
     assert [v.label for v in variants][:3] == ["none", "adaptive_pixel_mae6_window3", "adaptive_pixel_mae7_window3"]
-    assert make_config("vla_cache", {}) == VlaCacheConfig() and AttentionDriftConfig().drift_limit == 1.0
+    assert PolicyVariant.make("v", "vla_cache").policy == VlaCacheConfig() and AttentionDriftConfig().drift_limit == 1.0

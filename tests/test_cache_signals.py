@@ -21,7 +21,6 @@ from policies.cache.signals import (
     scaled_layers,
     static_patches,
 )
-from tests.pi05_helpers import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 
 def test_static_patches_find_exactly_the_unchanged_patches():

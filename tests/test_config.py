@@ -65,6 +65,11 @@ def test_overrides_are_typed_and_dotted():
     (["ray.num_workers=two"], "ray.num_workers: expected int, got str 'two'"),
     (["model.kind=checkpoint", "model.checkpoint=/nonexistent"], "expected an existing checkpoint directory"),
     (["trials"], "must look like key=value"),
+    (["env.resolution=10"], r"env.resolution: expected an integer camera size in 32..1024 pixels, got 10"),
+    (["episode.video=gif"], r"episode.video: expected one of \('query', 'every_step', 'none'\), got 'gif'"),
+    (["episode.replan_steps=0"], "episode.replan_steps: expected >= 1, got 0"),
+    (["model.device=tpu"], "model.device: expected one of auto, cpu, cuda, got 'tpu'"),
+    (["model.kind=onnx"], "model.kind: expected 'tiny' or 'checkpoint', got 'onnx'"),
 ])
 def test_bad_configs_fail_with_the_key_and_value(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -102,3 +107,17 @@ def test_cli_sweep_rejects_bad_config_before_ray(capsys, monkeypatch):
     monkeypatch.setattr(sweep, "init_ray", lambda *a: pytest.fail("Ray started for a bad config"))
     assert cli.main(["sweep", str(CONFIGS / "smoke.yaml"), "policies=[{name: cache_me}]"]) == 2
     assert "unknown policy 'cache_me'" in capsys.readouterr().err
+
+
+def test_sections_are_the_components_own_typed_configs():
+    from libero_eval.episode import EpisodeConfig
+    from policies.serving.model import ModelConfig
+    from policies.serving.variants import DenoiseSettings
+    from tasks.env import EnvConfig
+
+    config = load_config(CONFIGS / "smoke.yaml", ["policies=[{name: adaptive, window: 3, num_steps: 5}]"])
+    assert type(config.env) is EnvConfig and type(config.episode) is EpisodeConfig
+    assert type(config.model) is ModelConfig
+    (variant,) = config.variants()
+    assert variant.policy.window == 3 and variant.denoise == DenoiseSettings(num_steps=5)
+    assert variant.needs_images and not variant.needs_privileged

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from libero_eval import demos
-from libero_eval.demos import DemoError, DemoSettings, record_chunk
+from libero_eval.learning import commands, demos
+from libero_eval.learning.dataset import DATASET_FILE
+from libero_eval.learning.demos import DemoError, DemoSettings, record_chunk
 from libero_eval.seeding import episode_seed
 from policies.pi05.processing import fit_image
 from tasks import protocol, registry
@@ -16,6 +17,7 @@ from tasks import protocol, registry
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
+    """Records one real episode (a camera-less and a rendering LIBERO env): for slow tests only."""
     out = tmp_path_factory.mktemp("demos")
     settings = DemoSettings(tasks={"libero_spatial": [0]}, trials=[2], held_out=[], image_size=112, every=25)
     rows = record_chunk("libero_spatial", 0, [2], settings.to_dict(), str(out))
@@ -31,6 +33,7 @@ def recorded_dart(tmp_path_factory):
     return out, rows
 
 
+@pytest.mark.slow
 def test_recorded_episode_has_the_documented_arrays(recorded):
     out, rows = recorded
     (row,) = rows
@@ -50,6 +53,7 @@ def test_recorded_episode_has_the_documented_arrays(recorded):
         np.testing.assert_array_equal(z["labels"], z["actions"])  # no perturbation: the labels are what ran
 
 
+@pytest.mark.slow
 def test_dart_episode_runs_perturbed_actions_and_labels_the_experts(recorded_dart):
     """With --noise the executed actions differ from the expert's labels in bursts; the replay of the
     executed actions still retraces the expert pass exactly, so images and labels belong together."""
@@ -62,6 +66,7 @@ def test_dart_episode_runs_perturbed_actions_and_labels_the_experts(recorded_dar
     np.testing.assert_array_equal(diff[:, 6], 0.0)  # never the gripper
 
 
+@pytest.mark.slow  # record_chunk creates the camera-less LIBERO env even with both passes faked
 def test_an_episode_whose_replay_drifts_is_listed_but_not_kept(tmp_path, monkeypatch):
     """Images must show the states the labels were computed on: a replay that parts from the expert pass
     (a contact amplifying a rounding difference) drops the episode, with the reason in the manifest."""
@@ -94,6 +99,7 @@ def test_dart_noise_is_seeded_bursty_and_limited_to_free_space_phases():
     assert all(not np.any(a(phase)) for phase in ("descend", "close", "lower", "release", "retreat") for _ in range(50))
 
 
+@pytest.mark.slow
 def test_rerendered_observations_equal_the_closed_loop_ones(recorded, spatial_env):
     """Replaying the demo's actions in the closed-loop env (hard reset, lazy rendering) reaches the recorded
     states and renders the images the dataset stores."""
@@ -134,7 +140,7 @@ def test_a_dataset_refuses_other_recording_settings(tmp_path):
     demos._prepare_out(tmp_path, a)
     b = DemoSettings(tasks={"libero_spatial": [1]}, trials=[2], held_out=[], image_size=112)
     demos._prepare_out(tmp_path, b)  # extending with other tasks/trials is fine
-    meta = json.loads((tmp_path / demos.DATASET_FILE).read_text())
+    meta = json.loads((tmp_path / DATASET_FILE).read_text())
     assert meta["tasks"] == {"libero_spatial": [0, 1]} and meta["trials"] == [0, 1, 2]
     with pytest.raises(DemoError, match="image_size: recorded 112, now 64"):
         demos._prepare_out(tmp_path, DemoSettings(tasks={"libero_spatial": [0]}, trials=[0], held_out=[],
@@ -164,4 +170,4 @@ def test_bad_recording_arguments_fail_early():
         DemoSettings(tasks={"libero_spatial": [0]}, trials=[0, 1], held_out=[7])
     with pytest.raises(ValueError, match="libero_nope"):
         DemoSettings(tasks={"libero_nope": [0]}, trials=[0], held_out=[])
-    assert demos._parse_tasks("libero_spatial:0,1,libero_object:5") == {"libero_spatial": [0, 1], "libero_object": [5]}
+    assert commands._parse_tasks("libero_spatial:0,1,libero_object:5") == {"libero_spatial": [0, 1], "libero_object": [5]}

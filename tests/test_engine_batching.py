@@ -1,4 +1,4 @@
-"""CachedPi05Engine: batching never changes an episode's actions, sessions with different decisions share a
+"""Pi05Engine: batching never changes an episode's actions, sessions with different decisions share a
 batch, shadow mode only observes, errors stay with their request, records carry what the report reads."""
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from libero_eval.policy_factory import make_engine
-from policies.base import ActionChunk, PolicyError, STATE_KEY
-from policies.cache.engine import CachedPi05Engine
-from policies.engine import PerSessionEngine, Request
+from policies.base import STATE_KEY, ActionChunk, PolicyError
+from policies.serving.engine import Engine, Request, SessionLost
+from policies.serving.model import ModelConfig, make_engine
+from policies.serving.pi05 import Pi05Engine
 from tests.cache_helpers import cache_model, engine, moved, run_session, variant
-from tests.pi05_helpers import observation, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from tests.pi05_helpers import observation
 
 # Sessions whose decisions differ frame by frame: full every frame, a window, a drift gate, token reuse,
 # and two denoising variants (different solver / schedule / steps: different denoise groups).
@@ -123,7 +123,7 @@ def test_a_bad_request_fails_alone(model):
     results = eng.infer_batch([Request("good", observation(0)), Request("missing", observation(0)),
                                Request("other", bad_obs), Request("good", observation(1))])
     assert isinstance(results[0], ActionChunk) and results[0].record.extra["batch_size"] == 4
-    assert isinstance(results[1], PolicyError) and "no open session 'missing'" in str(results[1])
+    assert isinstance(results[1], SessionLost) and "no open session 'missing'" in str(results[1])
     assert isinstance(results[2], PolicyError) and "observation/state" in str(results[2])
     assert isinstance(results[3], PolicyError) and "two requests in one batch" in str(results[3])
     (again,) = eng.infer_batch([Request("other", observation(0))])
@@ -159,7 +159,7 @@ def test_sessions_free_their_state_and_reopen_from_scratch(model):
     eng.open("ep", v, 9)
     eng.infer_batch([Request("ep", episode(0)[0])])
     held = eng.session_bytes("ep")
-    assert held >= sum(k.numel() * 4 * 2 for k in eng.policy("ep").prefix_kv.keys)  # the stored K/V
+    assert held >= sum(k.numel() * 4 * 2 for k in eng.session("ep").state.prefix_kv.keys)  # the stored K/V
     eng.open("ep", v, 9)  # a retried episode: reopened, state and index reset
     assert eng.session_bytes("ep") == 0
     again = [eng.infer_batch([Request("ep", obs)])[0] for obs in episode(0)]
@@ -169,11 +169,14 @@ def test_sessions_free_their_state_and_reopen_from_scratch(model):
 
 def test_make_engine_serves_pi05_variants_and_hold_together():
     variants = [variant("none"), variant("hold")]
-    eng = make_engine({"kind": "tiny", "seed": 0, "device": "cpu"}, variants, shadow=True)
-    assert isinstance(eng, CachedPi05Engine) and eng.shadow
+    eng = make_engine(ModelConfig(kind="tiny", seed=0, device="cpu"), variants, shadow=True)
+    assert isinstance(eng, Pi05Engine) and eng.shadow
     eng.open("a", variants[0], 1)
     eng.open("b", variants[1], 1)
     a, b = eng.infer_batch([Request("a", observation(0)), Request("b", observation(0))])
     assert a.actions.shape == (10, 7) and a.record.decision == "full"
     assert b.record.decision == "fixed" and (b.actions[:, -1] == -1).all()
-    assert isinstance(make_engine({}, [variant("hold")]), PerSessionEngine)
+    model_free = make_engine(ModelConfig(), [variant("hold")])
+    assert type(model_free) is Engine  # no model is loaded for model-free variants
+    with pytest.raises(PolicyError, match="needs a model"):
+        model_free.open("c", variants[0], 1)

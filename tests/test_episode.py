@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from libero_eval.episode import EpisodeSettings, run_episode
+from libero_eval.episode import EpisodeConfig, run_episode
 from libero_eval.specs import EpisodeSpec
 from policies.simple import HoldPolicy
 from tests.helpers import CrashingPolicy, ScriptedPolicy, place_on, set_joint_to_limit
@@ -24,14 +24,14 @@ def test_teleported_bowl_on_plate_is_a_success(spatial_env):
     hold = np.tile(np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32), (40, 1))
     policy = ScriptedPolicy(hold, on_query=lambda i: place_on(spatial_env, "akita_black_bowl_1", "plate_1") if i == 0 else None)
     result = run_episode(EpisodeSpec("libero_spatial", 0, 0, "scripted", 20), spatial_env, policy,
-                         EpisodeSettings(video="none"))
+                         EpisodeConfig(video="none"))
     assert result.status == "success" and result.success and result.reason == "done"
     assert 0 < result.steps <= 5  # the bowl settles within a few steps
 
 
 def test_untouched_scene_is_a_failure_at_max_steps(spatial_env):
     result = run_episode(EpisodeSpec("libero_spatial", 0, 1, "hold", 15), spatial_env, HoldPolicy(),
-                         EpisodeSettings(video="none"))
+                         EpisodeConfig(video="none"))
     assert result.status == "failure" and not result.success and result.reason == "max_steps"
     assert result.steps == 15 and result.error is None
     assert [r["env_step"] for r in result.records] == [0, 5, 10]  # replan every 5 actions
@@ -44,7 +44,7 @@ def test_drawer_opened_through_the_sim_state_is_a_success():
     with LiberoEnv(registry.get_task("libero_goal", 0)) as env:  # "open the middle drawer of the cabinet"
         policy = ScriptedPolicy(np.zeros((40, 7)), on_query=lambda i: set_joint_to_limit(
             env, "wooden_cabinet_1_middle_level", 0) if i == 0 else None)
-        result = run_episode(EpisodeSpec("libero_goal", 0, 0, "scripted", 10), env, policy, EpisodeSettings(video="none"))
+        result = run_episode(EpisodeSpec("libero_goal", 0, 0, "scripted", 10), env, policy, EpisodeConfig(video="none"))
     assert result.success and result.steps == 1
 
 
@@ -60,21 +60,21 @@ def test_simulator_exception_is_a_failure_not_an_error(spatial_env, monkeypatch)
 
     monkeypatch.setattr(spatial_env._env, "step", exploding_step)
     result = run_episode(EpisodeSpec("libero_spatial", 0, 2, "hold", 20), spatial_env, HoldPolicy(),
-                         EpisodeSettings(video="none"))
+                         EpisodeConfig(video="none"))
     assert result.status == "failure" and result.reason == "env_exception" and result.steps == 3
     assert result.error.startswith("RuntimeError: MuJoCo Warning: Nan")
 
 
 def test_policy_crash_is_an_error_not_a_failure(spatial_env):
     result = run_episode(EpisodeSpec("libero_spatial", 0, 3, "crashing", 20), spatial_env, CrashingPolicy(),
-                         EpisodeSettings(video="none"))
+                         EpisodeConfig(video="none"))
     assert result.status == "error" and result.reason == "policy_error" and not result.success
     assert result.error.startswith("RuntimeError: deliberate policy crash")
 
 
 def test_every_step_video_has_one_frame_per_step(spatial_env, tmp_path):
     result = run_episode(EpisodeSpec("libero_spatial", 0, 4, "hold", 7), spatial_env, HoldPolicy(),
-                         EpisodeSettings(video="every_step", video_wrist=False), run_dir=tmp_path)
+                         EpisodeConfig(video="every_step", video_wrist=False), run_dir=tmp_path)
     frames = _frames(tmp_path / result.video)
     assert result.video_frames == 7 and len(frames) == 7
     assert frames[0].shape == (224 + 32, 224, 3)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from libero_eval.episode import EpisodeSettings, run_episode
-from libero_eval.policy_factory import PolicySpecError, make_policy, policy_inputs, validate_variant
+from libero_eval.episode import EpisodeConfig, run_episode
 from libero_eval.specs import EpisodeSpec
-from policies.engine import PolicyVariant
+from policies.serving.engine import make_model_free
+from policies.serving.variants import PolicyVariant, VariantError
 from policies.expert import ExpertError, ExpertPolicy
 from policies.expert.geometry import rot_z, rotation_error
-from tasks import registry
+from tasks import protocol, registry
 
 
 def _spec(trial: int, max_steps: int | None = None) -> EpisodeSpec:
@@ -19,6 +19,7 @@ def _spec(trial: int, max_steps: int | None = None) -> EpisodeSpec:
                        max_steps=max_steps or registry.MAX_STEPS[suite])
 
 
+@pytest.mark.slow
 def test_privileged_state_describes_the_goal_and_objects(spatial_env):
     spatial_env.reset(0, registry.init_state("libero_spatial", 0, 0))
     priv = spatial_env.privileged()
@@ -33,8 +34,9 @@ def test_privileged_state_describes_the_goal_and_objects(spatial_env):
     assert len(priv["gripper_qpos"]) == 2
 
 
+@pytest.mark.slow
 def test_expert_solves_a_full_protocol_episode_without_rendering(spatial_env, tmp_path):
-    result = run_episode(_spec(3), spatial_env, ExpertPolicy(), EpisodeSettings(video="none"), tmp_path)
+    result = run_episode(_spec(3), spatial_env, ExpertPolicy(), EpisodeConfig(video="none"), tmp_path)
     assert result.status == "success", (result.reason, result.error)
     assert result.steps < registry.MAX_STEPS["libero_spatial"]
     # one query per step, each an expert decision labelled with its phase
@@ -46,8 +48,9 @@ def test_expert_solves_a_full_protocol_episode_without_rendering(spatial_env, tm
     assert result.env_stats["renders"] == 0
 
 
+@pytest.mark.slow
 def test_expert_video_renders_every_replan_steps_only(spatial_env, tmp_path):
-    settings = EpisodeSettings(video="query", replan_steps=5)
+    settings = EpisodeConfig(video="query", replan_steps=5)
     result = run_episode(_spec(0, max_steps=12), spatial_env, ExpertPolicy(), settings, tmp_path)
     assert result.status == "failure" and result.reason == "max_steps"
     assert result.video_frames == 3  # steps 0, 5, 10
@@ -74,8 +77,6 @@ def test_rotation_error_is_the_axis_angle_between_frames():
 
 def _drive(env, policy, trial: int) -> tuple[bool, list[str], np.ndarray]:
     """(done, phase per step, actions [T, 7]) of the expert driving `env` from the protocol's start."""
-    from tasks import protocol
-
     env.reset(0, registry.init_state("libero_spatial", 0, trial))
     for _ in range(protocol.NUM_STEPS_WAIT):
         env.step(protocol.DUMMY_ACTION)
@@ -106,18 +107,24 @@ def test_funnel_expert_succeeds_with_continuous_approaches(spatial_env):
     assert jumps[0.0] > 0.3 and jumps[2.0] < 0.15, jumps
 
 
+def expert(**params) -> ExpertPolicy:
+    return make_model_free(PolicyVariant.make("expert", "expert", params))
+
+
 def test_expert_variant_validation_and_inputs():
-    validate_variant(PolicyVariant.make("expert", "expert", {"gain": 10.0}))
-    with pytest.raises(PolicySpecError, match="has no parameter 'window'"):
-        validate_variant(PolicyVariant.make("expert", "expert", {"window": 2}))
-    with pytest.raises(PolicySpecError, match="gain must be > 0"):
-        validate_variant(PolicyVariant.make("expert", "expert", {"gain": -1.0}))
-    assert policy_inputs("expert") == (False, True)
-    assert policy_inputs("none") == (True, False)
-    assert isinstance(make_policy("expert"), ExpertPolicy)
-    assert make_policy("expert", place_tol=0.03).params.place_tol == 0.03  # record-demos --place-tolerance
-    with pytest.raises(PolicySpecError, match="place_tol must be > 0"):
-        validate_variant(PolicyVariant.make("expert", "expert", {"place_tol": 0.0}))
-    assert make_policy("expert", funnel=2.0).params.funnel == 2.0  # record-demos --funnel
-    with pytest.raises(PolicySpecError, match="funnel must be >= 0"):
-        validate_variant(PolicyVariant.make("expert", "expert", {"funnel": -1.0}))
+    assert expert(gain=10.0).params.gain == 10.0
+    with pytest.raises(VariantError, match="has no parameter 'window'"):
+        PolicyVariant.make("expert", "expert", {"window": 2})
+    with pytest.raises(VariantError, match="gain must be > 0"):
+        PolicyVariant.make("expert", "expert", {"gain": -1.0})
+    v = PolicyVariant.make("expert", "expert")
+    assert (v.needs_images, v.needs_privileged) == (False, True)  # read from ExpertPolicy's declaration
+    none = PolicyVariant.make("none", "none")
+    assert (none.needs_images, none.needs_privileged) == (True, False)
+    assert isinstance(expert(), ExpertPolicy)
+    assert expert(place_tol=0.03).params.place_tol == 0.03  # record-demos --place-tolerance
+    with pytest.raises(VariantError, match="place_tol must be > 0"):
+        PolicyVariant.make("expert", "expert", {"place_tol": 0.0})
+    assert expert(funnel=2.0).params.funnel == 2.0  # record-demos --funnel
+    with pytest.raises(VariantError, match="funnel must be >= 0"):
+        PolicyVariant.make("expert", "expert", {"funnel": -1.0})

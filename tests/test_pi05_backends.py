@@ -14,7 +14,7 @@ import torch._inductor.config as inductor_config
 
 from launch.build_engines import parse_precisions, resolve_precision
 from libero_eval.config import ConfigError, load_config
-from libero_eval.policy_factory import pi05_engine
+from policies.serving.model import ModelConfig, make_engine
 from policies.cache.base import PrefixLayout
 from policies.cache.signals import PrefixAttentionStats
 from policies.pi05.backends import (
@@ -24,14 +24,12 @@ from policies.pi05.backends import (
     BackendOptions,
     CompiledBackend,
     Pi05Backend,
-    TensorRTBackend,
     _stacked,
-    make_backend,
 )
-from policies.pi05.modeling import TokenReuse
+from policies.pi05.stages import TokenReuse
+from policies.pi05.tensorrt import TensorRTBackend, make_backend
 from tests.cache_helpers import engine, moved, run_session, variant
 from tests.pi05_helpers import observation, random_inputs, random_model, random_noise, small_config
-from tests.pi05_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 # ---- options and errors
 
@@ -122,9 +120,10 @@ def test_engine_runs_every_stage_through_its_backend():
 
 
 def test_pi05_engine_builds_the_configured_backend():
-    eng = pi05_engine({"kind": "tiny", "device": "cpu", "backend": "compile", "compile_mode": "default"})
+    none = [variant("none")]
+    eng = make_engine(ModelConfig(kind="tiny", device="cpu", backend="compile", compile_mode="default"), none)
     assert isinstance(eng.stages, CompiledBackend) and eng.label.endswith("@compile")
-    assert type(pi05_engine({"kind": "tiny", "device": "cpu"}).stages) is Pi05Backend
+    assert type(make_engine(ModelConfig(kind="tiny", device="cpu"), none).stages) is Pi05Backend
 
 
 # ---- torch.compile on CPU (compile time is paid once per module: ~15-40 s on a loaded 2-core CPU)

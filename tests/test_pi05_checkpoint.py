@@ -20,7 +20,7 @@ from policies.pi05.checkpoint import (
 )
 from policies.pi05.configuration import pi05_libero
 from policies.pi05.modeling import Pi05Model, count_parameters
-from tests.pi05_helpers import one_thread, full_depth_config, lerobot_keys, random_inputs, random_model, random_noise  # noqa: F401 (one_thread: autouse fixture)
+from tests.pi05_helpers import full_depth_config, lerobot_keys, random_inputs, random_model, random_noise
 
 LAYER_Q = "paligemma_with_expert.paligemma.model.language_model.layers.7.self_attn.q_proj.weight"
 VISION_FC1 = "paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers.26.mlp.fc1.weight"

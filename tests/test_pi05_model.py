@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from policies.pi05.configuration import PRESETS, SCHEDULES, SOLVERS, GemmaConfig, Pi05Config, tiny
-from policies.pi05.modeling import Pi05Inputs, Pi05Model, PrefixKV, count_parameters, make_attention_mask
+from policies.pi05.layers import make_attention_mask
+from policies.pi05.modeling import Pi05Model, count_parameters
 from policies.pi05.sampling import integrate, time_grid
-from tests.pi05_helpers import one_thread, random_inputs, random_model, random_noise, small_config  # noqa: F401 (one_thread: autouse fixture)
+from policies.pi05.stages import Pi05Inputs, PrefixKV
+from tests.pi05_helpers import random_inputs, random_model, random_noise, small_config
 
 
 

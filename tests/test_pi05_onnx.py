@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime", reason='the `onnx` extra is not installed (pi
 
 import onnx  # noqa: E402
 
-from policies.engine import Request  # noqa: E402
+from policies.serving.engine import Request  # noqa: E402
 from policies.pi05.backends import (  # noqa: E402
     ACTION_TOLERANCE,
     BackendOptions,
@@ -29,10 +29,9 @@ from policies.pi05.export import (  # noqa: E402
     export_stages,
     read_manifest,
 )
-from policies.cache.engine import CachedPi05Engine  # noqa: E402
+from policies.serving.pi05 import Pi05Engine  # noqa: E402
 from tests.cache_helpers import moved, processor, variant  # noqa: E402
 from tests.pi05_helpers import observation, random_inputs, random_model, random_noise, small_config  # noqa: E402
-from tests.pi05_helpers import one_thread  # noqa: E402,F401 (autouse fixture)
 
 # onnxruntime vs eager through all stages and 10 Euler steps (float32; measured 2e-6 on this model)
 EXPORTED_ACTION_TOLERANCE = 1e-4
@@ -112,7 +111,7 @@ def test_engine_cache_paths_run_on_exported_stages(exported, ort_backend):
                 variant("vla_cache", relevance="top_k")]
 
     def serve(backend):
-        eng = CachedPi05Engine(model, processor(model.config), backend=backend)
+        eng = Pi05Engine(model, processor(model.config), backend=backend)
         for i, v in enumerate(variants):
             eng.open(v.label, v, 100 + i)
         return [eng.infer_batch([Request(v.label, moved(observation(10 + i), t // 2)) for i, v in enumerate(variants)])

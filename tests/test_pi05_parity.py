@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from policies.pi05.configuration import Pi05Config
-from policies.pi05.modeling import Pi05Inputs
-from tests.pi05_helpers import one_thread, random_inputs, random_model, random_noise, small_config  # noqa: F401 (one_thread: autouse fixture)
+from policies.pi05.stages import Pi05Inputs
+from tests.pi05_helpers import random_inputs, random_model, random_noise, small_config
 
 TOL = 1e-9  # float64 on both sides; only the order of operations differs
 

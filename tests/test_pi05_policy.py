@@ -11,7 +11,8 @@ import torch
 
 from policies.base import ActionChunk, PolicyError
 from policies.pi05.checkpoint import save_weights
-from policies.pi05.policy import Pi05Policy, noise_seed, sample_noise
+from policies.serving.noise import noise_seed, sample_noise
+from policies.serving.policy import Pi05Policy
 from policies.pi05.processing import (
     TINY_TOKENIZER,
     Pi05Processor,
@@ -19,7 +20,7 @@ from policies.pi05.processing import (
     load_openpi_norm_stats,
     save_openpi_norm_stats,
 )
-from tests.pi05_helpers import one_thread, observation, write_lerobot_processors  # noqa: F401 (one_thread: autouse fixture)
+from tests.pi05_helpers import observation, write_lerobot_processors
 
 
 
@@ -40,8 +41,8 @@ def test_infer_returns_a_chunk_and_a_record(policy):
         assert np.isfinite(chunk.actions).all()
         record = chunk.record
         assert (record.index, record.decision, record.reason) == (index, "full", "baseline")
-        assert set(record.latency_ms) == {"vision", "prefix", "denoise", "total"}
-        assert all(v > 0 for v in record.latency_ms.values())
+        assert set(record.latency_ms) == {"preprocess", "decide", "vision", "prefix", "denoise", "total"}
+        assert all(record.latency_ms[k] > 0 for k in ("vision", "prefix", "denoise", "total"))
         assert record.latency_ms["total"] >= record.latency_ms["vision"] + record.latency_ms["denoise"]
     assert chunks[0].record.extra["prompt_tokens"] > 2
     assert policy.describe()["normalization"] == "identity" and policy.describe()["config"] == "tiny"
@@ -74,7 +75,7 @@ def test_denoising_knobs_are_checked_and_used(policy):
     with pytest.raises(PolicyError, match="solver 'adams'"):
         Pi05Policy(policy.model, policy.processor, label="x", solver="adams")
     heun = Pi05Policy(policy.model, policy.processor, label="heun", num_steps=3, solver="heun", schedule="cosine")
-    assert heun.describe()["solver"] == "heun" and heun.num_steps == 3
+    assert heun.describe()["solver"] == "heun" and heun.denoise.num_steps == 3
     assert not np.array_equal(run(heun, seed=3, n=1)[0].actions, run(policy, seed=3, n=1)[0].actions)
 
 

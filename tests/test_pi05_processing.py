@@ -20,8 +20,10 @@ from policies.pi05.processing import (
     find_normalizer,
     image_to_model,
     load_lerobot_normalizer,
+    resize_with_pad,
     save_openpi_norm_stats,
 )
+from tasks import protocol
 from tests.pi05_helpers import observation, small_config, write_lerobot_processors, write_tokenizer
 
 
@@ -154,16 +156,24 @@ def test_images_become_float_chw_in_minus_one_one():
 
 def test_other_image_sizes_are_fitted_with_resize_with_pad():
     """The protocol's 224 px reach a 112 px model (the shipped small Pi0.5) through openpi's resize_with_pad."""
-    from tasks.protocol import resize_with_pad
-
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)
     out = image_to_model(image, IMAGE_KEY, 112)
     assert out.shape == (3, 112, 112)
-    expected = resize_with_pad(image, 112, 112).astype(np.float32) / 255 * 2 - 1
+    expected = protocol.resize_with_pad(image, 112, 112).astype(np.float32) / 255 * 2 - 1
     np.testing.assert_array_equal(out, expected.transpose(2, 0, 1))
     wide = image_to_model(rng.integers(0, 255, (100, 200, 3), dtype=np.uint8), IMAGE_KEY, 112)
     assert (wide[:, :28] == -1).all() and (wide[:, -28:] == -1).all()  # letterboxed: black bars
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (128, 200), (480, 640), (224, 224), (300, 97), (1, 5)])
+@pytest.mark.parametrize("size", [(224, 224), (112, 112), (96, 160)])
+def test_policy_resize_with_pad_matches_the_task_protocol(shape, size):
+    """The policy side's resize-with-pad (its input contract) is bit for bit the task protocol's."""
+    image = np.random.default_rng([*shape, *size]).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ours, theirs = resize_with_pad(image, *size), protocol.resize_with_pad(image, *size)
+    assert ours.dtype == theirs.dtype == np.uint8 and ours.shape == (*size, 3)
+    assert np.array_equal(ours, theirs)
 
 
 def test_processor_builds_the_libero_inputs(tokenizer_file):

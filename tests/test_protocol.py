@@ -4,6 +4,10 @@ import math
 import numpy as np
 import pytest
 
+from libero_eval.episode import policy_observation
+from policies.base import IMAGE_KEY, PRIVILEGED_KEY, PROMPT_KEY, STATE_KEY, WRIST_IMAGE_KEY
+from policies.pi05.configuration import tiny
+from policies.pi05.processing import TINY_TOKENIZER, Normalizer, Pi05Processor, PromptTokenizer
 from tasks import protocol
 
 
@@ -74,24 +78,35 @@ def test_quat2axisangle_does_not_modify_input():
     assert quat[3] == 1.5
 
 
-def test_observation_dict_contract():
-    raw = {
+def _raw_observation() -> dict:
+    return {
         "agentview_image": _asymmetric_image(),
         "robot0_eye_in_hand_image": _asymmetric_image(),
         "robot0_eef_pos": np.array([0.1, -0.2, 1.0]),
         "robot0_eef_quat": np.array([0.0, 0.0, math.sin(math.pi / 4), math.cos(math.pi / 4)]),
         "robot0_gripper_qpos": np.array([0.04, -0.04]),
     }
-    obs = protocol.observation(raw, "put the bowl on the plate")
-    assert set(obs) == {"observation/image", "observation/wrist_image", "observation/state", "prompt"}
-    assert obs["observation/state"].shape == (8,) and obs["observation/state"].dtype == np.float32
-    np.testing.assert_allclose(obs["observation/state"], [0.1, -0.2, 1.0, 0, 0, math.pi / 2, 0.04, -0.04], atol=1e-6)
-    assert obs["prompt"] == "put the bowl on the plate"
-    for key in ("observation/image", "observation/wrist_image"):
+
+
+def test_observation_dict_contract():
+    """The producer (openpi's protocol on a raw LIBERO observation, assembled by the episode loop) against
+    the consumer's one definition of the keys (policies.base) and the Pi0.5 processor that reads them."""
+    obs = policy_observation(_raw_observation(), "put the bowl on the plate")
+    assert set(obs) == {IMAGE_KEY, WRIST_IMAGE_KEY, STATE_KEY, PROMPT_KEY}
+    assert obs[STATE_KEY].shape == (8,) and obs[STATE_KEY].dtype == np.float32
+    np.testing.assert_allclose(obs[STATE_KEY], [0.1, -0.2, 1.0, 0, 0, math.pi / 2, 0.04, -0.04], atol=1e-6)
+    assert obs[PROMPT_KEY] == "put the bowl on the plate"
+    for key in (IMAGE_KEY, WRIST_IMAGE_KEY):
         assert obs[key].shape == (224, 224, 3) and obs[key].dtype == np.uint8
+    config = tiny()
+    processor = Pi05Processor(config, PromptTokenizer(TINY_TOKENIZER, config.max_token_len), Normalizer.identity())
+    inputs, states = processor.prepare([obs], "cpu")
+    assert inputs.image_masks[0].tolist() == [True, True, False] and states.shape == (1, 8)
+    blind = policy_observation(_raw_observation(), "x", privileged={"goal": 1}, images=False)
+    assert set(blind) == {STATE_KEY, PROMPT_KEY, PRIVILEGED_KEY}
 
 
 def test_observation_without_images_is_a_clear_error():
     raw = {"robot0_eef_pos": np.zeros(3), "robot0_eef_quat": np.array([0, 0, 0, 1.0]), "robot0_gripper_qpos": np.zeros(2)}
     with pytest.raises(KeyError, match="expect_observation"):
-        protocol.observation(raw, "x")
+        policy_observation(raw, "x")

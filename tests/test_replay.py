@@ -1,5 +1,5 @@
-"""`libero-eval replay`: the recorded format, replay through cache policies, the summary schema, the CLI,
-and (slow) recording from a real LIBERO episode."""
+"""`libero-eval replay`: the recorded format (libero_eval.observations), replay through cache policies, the
+summary schema and its table (libero_eval.tables), the CLI, and (slow) recording from a real LIBERO episode."""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from libero_eval import replay as rp
+from libero_eval import tables
+from libero_eval.observations import load_sequence, save_observations
+from libero_eval.sweep_summary import format_table as sweep_table
 from policies.base import IMAGE_KEY, STATE_KEY
 from tests.cache_helpers import cache_model, engine, moved, variant
-from tests.pi05_helpers import observation, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from tests.pi05_helpers import observation
 
 SPEC = types.SimpleNamespace(seed=11, key="none/libero_spatial/task00/trial00",
                              file_stem="none__libero_spatial__task00__trial00")
@@ -21,12 +24,12 @@ SPEC = types.SimpleNamespace(seed=11, key="none/libero_spatial/task00/trial00",
 def record(directory, name: str, frames: int, seed: int = 11):
     recorded = [(5 * t, moved(observation(3), t // 2)) for t in range(frames)]
     spec = types.SimpleNamespace(seed=seed, key=name)
-    return rp.save_observations(directory / "observations" / f"{name}.npz", spec, recorded), recorded
+    return save_observations(directory / "observations" / f"{name}.npz", spec, recorded), recorded
 
 
 def test_recorded_sequences_round_trip(tmp_path):
     path, recorded = record(tmp_path, "ep0", 3)
-    seq = rp.load_sequence(path)
+    seq = load_sequence(path)
     assert (seq.name, seq.seed, seq.env_steps) == ("ep0", 11, [0, 5, 10])
     for (_, want), got in zip(recorded, seq.observations, strict=True):
         assert np.array_equal(got[IMAGE_KEY], want[IMAGE_KEY]) and got[IMAGE_KEY].dtype == np.uint8
@@ -39,7 +42,7 @@ def test_recorded_sequences_round_trip(tmp_path):
 def test_replay_measures_fidelity_and_signal_distributions(tmp_path):
     for i in range(2):
         record(tmp_path, f"ep{i}", 4, seed=20 + i)
-    sequences = [rp.load_sequence(f) for f in rp.locate(tmp_path)[0]]
+    sequences = [load_sequence(f) for f in rp.locate(tmp_path)[0]]
     variants = [variant("none"), variant("fixed_window", window=3), variant("adaptive", window=4, pixel_mae=1.0)]
     records = rp.replay(engine(cache_model(), shadow=True), sequences, variants, max_batch=4)
     rows = {v.label: rp.summarize_policy(v, records[v.label]) for v in variants}
@@ -54,7 +57,44 @@ def test_replay_measures_fidelity_and_signal_distributions(tmp_path):
     # the square moves every other frame: those frames are forced full by the 1.0 threshold
     reasons = [r["reason"] for r in records["adaptive"] if r["sequence"] == "ep0"]
     assert reasons == ["first_frame", "window", "pixel_mae", "window"]
-    assert "fixed_window" in rp.format_table(list(rows.values()))
+    table = rp.format_table(list(rows.values())).splitlines()
+    assert table[0].split()[:3] == ["policy", "frames", "reuse"] and set(table[1]) == {"-"}
+    assert table[3].split()[:4] == ["fixed_window", "8", "50%", "50.0%"]
+
+
+# ---- the shared text table
+
+
+def test_format_table_aligns_numbers_right_and_text_left():
+    out = tables.format_table(["name", "n", "rate", "note"], [["a", 3, "50%", "x"], ["long name", 12, None, ""]])
+    assert out.splitlines() == [
+        "name        n  rate  note",
+        "-------------------------",
+        "a           3   50%  x",
+        "long name  12     -",
+    ]
+    assert tables.format_table(["a", "b"], [["1", "2"]], align="<<").splitlines()[2] == "1  2"
+    assert tables.fmt(None, ".2f", "x") == "-" and tables.fmt(1.3123, ".2f", "x") == "1.31x"
+    with pytest.raises(ValueError, match="row 0 has 1 cells, the table has 2 columns"):
+        tables.format_table(["a", "b"], [["1"]])
+    with pytest.raises(ValueError, match="align must be one '<' or '>' per column"):
+        tables.format_table(["a", "b"], [["1", "2"]], align="<")
+
+
+def test_sweep_table_keeps_its_columns_and_numbers():
+    base = {"policy": "none", "suite": "libero_spatial", "n": 6, "successes": 3, "success_rate": 0.5,
+            "wilson_low": 0.19, "wilson_high": 0.81, "errors": 0, "reuse_rate": 0.0, "latency_ms": 51.04,
+            "speedup": 1.0, "shadow_cos_mean": None, "full_by_reason": {"first_frame": 6, "every_frame": 20}}
+    cached = {**base, "policy": "fixed_window", "n": 5, "successes": 2, "success_rate": 0.4, "wilson_low": 0.12,
+              "wilson_high": 0.77, "errors": 1, "reuse_rate": 0.4, "latency_ms": 38.9, "speedup": 1.3123,
+              "shadow_cos_mean": 0.98765, "full_by_reason": {"window": 3, "first_frame": 5}, "pairs": 5,
+              "base_only": 1, "variant_only": 0, "mcnemar_p": 1.0}
+    lines = sweep_table([base, cached], "none").splitlines()
+    assert lines[0].split("  ")[0] == "policy" and "vs none" in lines[0] and "full frames by reason" in lines[0]
+    assert lines[2].split() == ["none", "libero_spatial", "3/6", "50%", "[19-81]", "(baseline)", "0%", "51.0",
+                                "1.00x", "-", "every_frame", "20,", "first_frame", "6"]
+    assert lines[3].split() == ["fixed_window", "libero_spatial", "2/5", "40%", "[12-77]", "-1/+0", "p=1.00", "40%",
+                                "38.9", "1.31x", "0.988", "first_frame", "5,", "window", "3", "[1", "errors]"]
 
 
 def parse(argv):
@@ -104,15 +144,15 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_an_episode_records_its_observations_for_replay(spatial_env, tmp_path):
-    from libero_eval.episode import EpisodeSettings, run_episode
+    from libero_eval.episode import EpisodeConfig, run_episode
     from libero_eval.specs import EpisodeSpec
     from policies.simple import HoldPolicy
 
     spec = EpisodeSpec("libero_spatial", 0, 0, "hold", 12)
-    result = run_episode(spec, spatial_env, HoldPolicy(), EpisodeSettings(video="none", record_observations=True),
+    result = run_episode(spec, spatial_env, HoldPolicy(), EpisodeConfig(video="none", record_observations=True),
                          run_dir=tmp_path)
     assert result.status == "failure" and len(result.records) == 3
-    seq = rp.load_sequence(tmp_path / "observations" / f"{spec.file_stem}.npz")
+    seq = load_sequence(tmp_path / "observations" / f"{spec.file_stem}.npz")
     assert seq.env_steps == [0, 5, 10] and seq.seed == spec.seed
     first = seq.observations[0]
     assert first[IMAGE_KEY].shape == (224, 224, 3) and first[IMAGE_KEY].dtype == np.uint8

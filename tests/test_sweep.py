@@ -1,104 +1,67 @@
-"""Sweeps on real Ray and real LIBERO (small): completion, worker death, driver interruption and resume."""
-import json
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
+"""Sweeps on real Ray and real LIBERO (small): completion, driver interruption and resume (the faults done
+with SIGKILL are in test_faults.py)."""
 from pathlib import Path
 
 import pytest
 
+from libero_eval.cli import main as cli_main
 from libero_eval.config import load_config
 from libero_eval.sweep import plan_episodes, run_sweep
+from tests.helpers import read_results
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]  # ray_session: conftest.py
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    import ray
-
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
+INTERRUPT_AFTER = 2  # of 6 planned: stored results when the driver is interrupted
 
 
-def _lines(run_dir):
-    return [json.loads(l) for l in (Path(run_dir) / "results.jsonl").read_text().splitlines() if l.strip()]
-
-
-def test_killed_worker_episode_is_retried_and_stored_once(tmp_path):
-    """One worker, killed with ray.kill mid-episode: Ray restarts it, the episode is retried, and the
-    sweep completes with every episode stored exactly once."""
-    import ray
-
-    config = load_config(CONFIGS / "hold_smoke.yaml", ["suites={libero_spatial: [0]}", "trials=2", "max_steps=15",
-                                                        "ray.num_workers=1"])
-    out = tmp_path / "killed"
-    killed = {}
-
-    def killer(workers, policy_actor):
-        def run():
-            videos = out / "videos"
-            deadline = time.time() + 300
-            while time.time() < deadline:  # a video file exists once an episode is past its settle steps
-                if videos.exists() and any(videos.iterdir()):
-                    killed["at"] = time.time()
-                    ray.kill(workers[0], no_restart=False)
-                    return
-                time.sleep(0.2)
-
-        threading.Thread(target=run, daemon=True).start()
-
-    outcome = run_sweep(config, out, progress=False, on_start=killer)
-    assert "at" in killed
-    lines = _lines(out)
-    keys = [l["key"] for l in lines]
-    assert len(keys) == len(set(keys)) == len(plan_episodes(config)) == 2
-    assert all(l["status"] == "failure" and l["reason"] == "max_steps" for l in lines)  # hold never succeeds
-    attempts = [json.loads(l) for l in (out / "attempts.jsonl").read_text().splitlines()]
-    assert [a["reason"] for a in attempts] == ["worker_died"]
-    assert {l["key"]: l["attempt"] for l in lines}[attempts[0]["key"]] == 2
-    assert outcome.retries == 1
-    assert outcome.actor_stats["open_sessions"] == 0  # the dead worker's session expired
-
-
-def test_interrupted_driver_resumes_without_duplicates_and_refuses_other_configs(tmp_path):
+def test_interrupted_driver_resumes_without_duplicates_and_refuses_other_configs(tmp_path, capsys):
+    """Ctrl-C on the driver right after its 2nd stored result (KeyboardInterrupt raised from on_result: the
+    timing depends neither on episode length nor on machine load): run_sweep stops with the sweep partial and
+    kills its actors on the way out. Rerunning the same config skips the stored episodes and completes every
+    planned episode exactly once; a different config in the same run directory is refused."""
+    config = load_config(CONFIGS / "hold_smoke.yaml", ["trials=3", "max_steps=8"])
+    planned = [s.key for s in plan_episodes(config)]
+    assert len(planned) == 6
     out = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "libero_eval.cli", "sweep", str(CONFIGS / "hold_smoke.yaml"), "--out", str(out),
-           "--no-progress", "trials=3", "max_steps=8"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    results = out / "results.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (results.exists() and results.read_text().strip()):
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-    proc.wait(timeout=120)
-    first = _lines(out)
-    # Usually a partial sweep; on a loaded machine the Ctrl-C can land after the last episode was stored
-    # (seen in CI), and then the resume must skip all six.
-    assert 0 < len(first) <= 6
+    seen = []
 
-    # The same command resumes: finished episodes are skipped, none is duplicated.
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "resuming" in done.stdout
-    lines = _lines(out)
+    def ctrl_c(result):
+        seen.append(result.key)
+        if len(seen) == INTERRUPT_AFTER:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(config, out, progress=False, on_result=ctrl_c)
+    first = read_results(out)
+    assert len(first) < len(planned), (
+        f"the sweep was already complete when interrupted ({len(first)} of {len(planned)} episodes stored), so "
+        "this run proves no resume")
+    assert [l["key"] for l in first] == seen and len(first) == INTERRUPT_AFTER  # nothing stored after Ctrl-C
+
+    # The same config resumes: the stored episodes are skipped (not rerun), the rest run once each.
+    capsys.readouterr()
+    outcome = run_sweep(config, out, progress=False)
+    printed = capsys.readouterr().out
+    assert f"resuming {out}: {INTERRUPT_AFTER} of {len(planned)} episodes already stored" in printed, printed
+    assert (outcome.planned, outcome.ran) == (len(planned), len(planned) - INTERRUPT_AFTER)
+    lines = read_results(out)
     keys = [l["key"] for l in lines]
-    assert len(keys) == len(set(keys)) == 6
+    assert len(keys) == len(set(keys)), f"duplicate results: {sorted(k for k in keys if keys.count(k) > 1)}"
+    assert sorted(keys) == sorted(planned)
     assert lines[: len(first)] == first  # earlier lines untouched
+    assert all(l["status"] == "failure" and l["steps"] == 8 for l in lines)  # hold never succeeds
+    assert sorted(r.key for r in outcome.results) == sorted(planned)
 
-    # A different config in the same run directory is refused, naming the difference.
-    other = subprocess.run(cmd[:-1] + ["max_steps=9"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=120)
-    assert other.returncode == 2
-    assert "max_steps: stored 8, now 9" in other.stderr
+    # A different config in the same run directory is refused (the CLI exits 2), naming the difference.
+    code = cli_main(["sweep", str(CONFIGS / "hold_smoke.yaml"), "--out", str(out), "--no-progress", "trials=3",
+                     "max_steps=9"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "max_steps: stored 8, now 9" in err
+    assert read_results(out) == lines
 
 
 def test_two_worker_smoke_sweep_completes_with_paired_records(tmp_path):
@@ -108,7 +71,7 @@ def test_two_worker_smoke_sweep_completes_with_paired_records(tmp_path):
 
     config = load_config(CONFIGS / "smoke.yaml", ["max_steps=10"])
     outcome = run_sweep(config, tmp_path / "smoke", progress=False)
-    lines = _lines(tmp_path / "smoke")
+    lines = read_results(tmp_path / "smoke")
     assert len(lines) == len({l["key"] for l in lines}) == len(plan_episodes(config)) == 12
     assert all(l["status"] == "failure" and l["steps"] == 10 for l in lines)  # random weights never succeed
     for l in lines:

@@ -1,18 +1,22 @@
 """`libero-eval train`: the flow-matching objective learns, checkpoints load as policies, training resumes."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from libero_eval.demos import DATASET_FILE, MANIFEST_FILE
+from libero_eval.config import resolve_checkpoint
+from libero_eval.learning import commands
+from libero_eval.learning.dataset import DATASET_FILE, MANIFEST_FILE, DatasetError, load_datasets, load_demos
+from libero_eval.learning.training import (TrainError, TrainSettings, flow_matching_loss, init_from_checkpoint,
+                                           quantile_stats, read_metrics, train)
 from policies.pi05.configuration import small
-from policies.pi05.policy import Pi05Policy
-from policies.pi05.training import (TrainError, TrainSettings, flow_matching_loss, init_from_checkpoint,
-                                    load_datasets, load_demos, quantile_stats, read_metrics, train)
-from tests.pi05_helpers import one_thread  # noqa: F401  (fixture)
+from policies.pi05.modeling import Pi05Model
+from policies.pi05.stages import Pi05Inputs
+from policies.serving.policy import Pi05Policy
 
 
 def write_dataset(root, episodes=2, frames=6, size=112, held_out=1, seed=0, labels=False):
@@ -54,7 +58,7 @@ def test_load_demos_builds_chunks_held_still_past_the_end(tmp_path):
     np.testing.assert_array_equal(last[:4], acts[5:9])
     np.testing.assert_array_equal(last[4:, :6], 0.0)
     np.testing.assert_array_equal(last[4:, 6], acts[-1, 6])
-    with pytest.raises(TrainError, match="have 112 px images; the model takes 64 px"):
+    with pytest.raises(DatasetError, match="have 112 px images; the model takes 64 px"):
         load_demos(root, "train", horizon=10, image_size=64)
 
 
@@ -73,8 +77,20 @@ def test_dart_demos_train_on_the_expert_labels_and_datasets_concatenate(tmp_path
     assert both.images.shape[0] == both.chunks.shape[0] == both.states.shape[0] == 21
     held = load_datasets(f"{clean},{dart}", "held_out", horizon=10, image_size=112)  # only clean has held-out
     assert held.episodes == 1
-    with pytest.raises(TrainError, match="no demo dataset given"):
+    with pytest.raises(DatasetError, match="no demo dataset given"):
         load_datasets(" , ", "train", horizon=10, image_size=112)
+
+
+
+def test_train_command_reports_bad_arguments_before_training(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="libero-eval")
+    commands.add_train_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--demos", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert commands.run_train(args) == 2
+    assert "libero-eval train: error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--steps", "0"])  # cli_common.positive
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_quantile_stats_widen_constant_dimensions():
@@ -84,13 +100,11 @@ def test_quantile_stats_widen_constant_dimensions():
     assert stats["q01"][0] == pytest.approx(-0.98)
 
 
-def test_flow_matching_loss_learns_a_fixed_chunk(one_thread):
+def test_flow_matching_loss_learns_a_fixed_chunk():
     """40 steps on one observation drive the loss well below its start (the objective and its gradients
     reach every stage: vision, prefix, action expert)."""
     torch.manual_seed(0)
     config = small()
-    from policies.pi05.modeling import Pi05Inputs, Pi05Model
-
     model = Pi05Model(config).init_random_weights(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     inputs = Pi05Inputs(torch.rand(2, 2, 3, 112, 112) * 2 - 1, torch.ones(2, 2, dtype=torch.bool),
@@ -110,7 +124,7 @@ def test_flow_matching_loss_learns_a_fixed_chunk(one_thread):
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
 
 
-def test_train_exports_a_loadable_checkpoint_and_resumes(tmp_path, one_thread):
+def test_train_exports_a_loadable_checkpoint_and_resumes(tmp_path):
     root = write_dataset(tmp_path / "d", episodes=3, frames=4)
     out = tmp_path / "run"
     s = TrainSettings(demos=str(root), out=str(out), steps=3, batch_size=4, log_every=1, eval_every=3, save_every=3)
@@ -144,8 +158,6 @@ def test_train_exports_a_loadable_checkpoint_and_resumes(tmp_path, one_thread):
         train(TrainSettings(**{**s.__dict__, "preset": "tiny", "steps": 6}), progress=False)
 
     # fine-tuning: --init starts from the checkpoint's weights; the norm stats are the demos' own
-    from policies.pi05.modeling import Pi05Model
-
     fresh = Pi05Model(small()).init_random_weights(5)
     init_from_checkpoint(fresh, str(out / "checkpoint"))
     exported = Pi05Policy.from_checkpoint(out / "checkpoint").model.state_dict()
@@ -166,11 +178,9 @@ def test_train_exports_a_loadable_checkpoint_and_resumes(tmp_path, one_thread):
         train(TrainSettings(demos=str(root), out=str(tmp_path / "ft3"), init=str(tmp_path), steps=1), progress=False)
 
 
-def test_the_shipped_small_checkpoint_loads_and_acts(one_thread):
+def test_the_shipped_small_checkpoint_loads_and_acts():
     """policies/pi05/assets/pi05_small_spatial01 (configs/smoke.yaml's model): weights, config, norm stats and
     tokenizer load through the same path as any checkpoint, and a LIBERO observation gives a finite chunk."""
-    from libero_eval.config import resolve_checkpoint
-
     path = resolve_checkpoint("policies/pi05/assets/pi05_small_spatial01")
     assert path is not None and (path / "model.safetensors").stat().st_size < 20e6
     policy = Pi05Policy.from_checkpoint(path)

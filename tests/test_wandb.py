@@ -16,6 +16,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 
+from libero_eval.cli import main
 from libero_eval.config import ConfigError, WandbConfig
 from libero_eval.stats import wilson_interval
 from libero_eval.store import ResultStore
@@ -357,8 +358,6 @@ def test_online_without_credentials_never_prompts(tmp_path, monkeypatch):
 
 def test_report_relogs_a_finished_run_directory(tmp_path, logged):
     """`libero-eval report <dir> --wandb`: W&B logging never depends on the sweep process surviving."""
-    from libero_eval.cli import main
-
     src, results, original = logged
     run_dir = tmp_path / "copy"
     shutil.copytree(src, run_dir, ignore=shutil.ignore_patterns("wandb"))

@@ -12,8 +12,8 @@ import dataclasses
 
 from torch import Tensor
 
-from policies.cache.base import Decision, Frame, FrameOutputs, PrefixLayout, tensor_bytes
-from policies.cache.fixed_window import FixedWindowPolicy, check_window
+from policies.cache.base import Decision, Frame, FrameOutputs, PrefixLayout
+from policies.cache.fixed_window import FixedWindowPolicy, FixedWindowState, check_window
 from policies.cache.signals import pixel_mae
 
 
@@ -30,6 +30,11 @@ class AdaptiveConfig:
             raise ValueError(f"pixel_mae threshold must be in [0, 255] (uint8 units), got {self.pixel_mae!r}")
 
 
+@dataclasses.dataclass
+class AdaptiveState(FixedWindowState):
+    full_images: Tensor | None = None  # [N_cam, 3, S, S] model inputs of the last full frame
+
+
 class AdaptivePolicy(FixedWindowPolicy):
     """Reasons: first_frame, scheduled, pixel_mae (forced refresh), window. The images compared against
     are the last full frame's; pixel_mae is recorded on every frame after the first."""
@@ -39,25 +44,21 @@ class AdaptivePolicy(FixedWindowPolicy):
     def __init__(self, layout: PrefixLayout, config: AdaptiveConfig | None = None) -> None:
         super().__init__(layout, config or AdaptiveConfig())
 
-    def reset(self) -> None:
-        super().reset()
-        self.full_images: Tensor | None = None
+    def new_state(self) -> AdaptiveState:
+        return AdaptiveState()
 
-    def decide(self, frame: Frame) -> Decision:
-        if self.full_images is None:
-            return super().decide(frame)
-        signals = {"pixel_mae": max(pixel_mae(frame.images, self.full_images, frame.cameras))}
+    def decide(self, frame: Frame, state: AdaptiveState) -> Decision:
+        if state.full_images is None:
+            return super().decide(frame, state)
+        signals = {"pixel_mae": max(pixel_mae(frame.images, state.full_images, frame.cameras))}
         thresholds = {"pixel_mae": self.config.pixel_mae}
-        if self.window_start():
-            return self.decision("full", "scheduled", signals, thresholds)
+        if self.window_start(state):
+            return self.decision(state, "full", "scheduled", signals, thresholds)
         if signals["pixel_mae"] >= self.config.pixel_mae:
-            return self.decision("full", "pixel_mae", signals, thresholds)
-        return self.decision("reuse", "window", signals, thresholds)
+            return self.decision(state, "full", "pixel_mae", signals, thresholds)
+        return self.decision(state, "reuse", "window", signals, thresholds)
 
-    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs) -> None:
-        super().update(frame, decision, outputs)
+    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs, state: AdaptiveState) -> None:
+        super().update(frame, decision, outputs, state)
         if decision.kind == "full":
-            self.full_images = frame.images
-
-    def nbytes(self) -> int:
-        return super().nbytes() + tensor_bytes(self.full_images)
+            state.full_images = frame.images

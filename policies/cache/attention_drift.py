@@ -24,15 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from policies.cache.base import (
-    AttentionNeeds,
-    Decision,
-    Frame,
-    FrameOutputs,
-    LastFullPolicy,
-    PrefixLayout,
-    tensor_bytes,
-)
+from policies.cache.base import AttentionNeeds, CacheState, Decision, Frame, FrameOutputs, LastFullPolicy, PrefixLayout
 from policies.cache.signals import dilate, downsample, importance_grid, pixel_diff, resize_map
 
 PRESETS = {
@@ -76,6 +68,13 @@ class AttentionDriftConfig:
         return PRESETS[self.preset]["drift_threshold"] if self.drift_threshold is None else self.drift_threshold
 
 
+@dataclasses.dataclass
+class AttentionDriftState(CacheState):
+    full_small: Tensor | None = None  # [N_cam, 3, G, G] downsampled images of the last full frame
+    full_state: np.ndarray | None = None
+    importance: dict[int, Tensor] | None = None  # camera slot -> dilated [G, G] map
+
+
 class AttentionDriftPolicy(LastFullPolicy):
     """Reasons: state_drift, first_frame, vision_drift (full); below_threshold (reuse)."""
 
@@ -91,25 +90,22 @@ class AttentionDriftPolicy(LastFullPolicy):
         self.config = config
         super().__init__(layout)
 
-    def reset(self) -> None:
-        super().reset()
-        self.full_small: Tensor | None = None  # [N_cam, 3, G, G] downsampled images of the last full frame
-        self.full_state: np.ndarray | None = None
-        self.importance: dict[int, Tensor] | None = None  # camera slot -> dilated [G, G] map
+    def new_state(self) -> AttentionDriftState:
+        return AttentionDriftState()
 
     def thresholds(self) -> dict[str, float]:
         return {"state_drift": self.config.state_limit, "weighted_drift": self.config.drift_limit}
 
-    def decide(self, frame: Frame) -> Decision:
+    def decide(self, frame: Frame, state: AttentionDriftState) -> Decision:
         signals: dict[str, float] = {}
-        if self.full_state is not None:
-            signals["state_drift"] = float(np.max(np.abs(frame.state - self.full_state)))
+        if state.full_state is not None:
+            signals["state_drift"] = float(np.max(np.abs(frame.state - state.full_state)))
             if signals["state_drift"] > self.config.state_limit:
                 return Decision("full", "state_drift", signals, self.thresholds(), self.needs)
-        if self.full_small is None or self.importance is None:
+        if state.full_small is None or state.importance is None:
             return Decision("full", "first_frame", signals, self.thresholds(), self.needs)
-        diff = pixel_diff(downsample(frame.images, self.config.downsample), self.full_small)  # [N_cam, G, G]
-        per_camera = [float((diff[c] * self.importance[c]).sum()) for c in frame.cameras if c in self.importance]
+        diff = pixel_diff(downsample(frame.images, self.config.downsample), state.full_small)  # [N_cam, G, G]
+        per_camera = [float((diff[c] * state.importance[c]).sum()) for c in frame.cameras if c in state.importance]
         for j, value in enumerate(per_camera):
             signals[f"weighted_drift_cam{j}"] = value
         signals["weighted_drift"] = max(per_camera, default=float("inf"))
@@ -117,24 +113,20 @@ class AttentionDriftPolicy(LastFullPolicy):
             return Decision("full", "vision_drift", signals, self.thresholds(), self.needs)
         return Decision("reuse", "below_threshold", signals, self.thresholds())
 
-    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs) -> None:
-        super().update(frame, decision, outputs)
+    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs, state: AttentionDriftState) -> None:
+        super().update(frame, decision, outputs, state)
         if decision.kind != "full":
             return
-        self.full_small = downsample(frame.images, self.config.downsample)
-        self.full_state = np.array(frame.state, dtype=np.float32)
+        state.full_small = downsample(frame.images, self.config.downsample)
+        state.full_state = np.array(frame.state, dtype=np.float32)
         if not outputs.denoise_attention:
-            self.importance = None  # nothing to weight with: the next frame is full again
+            state.importance = None  # nothing to weight with: the next frame is full again
             return
         # [layers, heads, H_act, Tp] -> mean over layers, heads and action queries -> [Tp]
         per_key = torch.stack(list(outputs.denoise_attention.values())).float().mean(dim=(0, 1, 2))
         size = self.layout.image_size // self.config.downsample
-        self.importance = {
+        state.importance = {
             c: dilate(resize_map(importance_grid(per_key, self.layout.camera_tokens(c)[0], self.layout.grid), size),
                       self.config.dilation)
             for c in frame.cameras
         }
-
-    def nbytes(self) -> int:
-        maps = list(self.importance.values()) if self.importance else []
-        return super().nbytes() + tensor_bytes(self.full_small, *maps)

@@ -1,12 +1,14 @@
 """What every cache policy shares: the frame it judges, the decision it returns, what it needs from the
 model and what it gets back after the frame is computed (definitions: reference/cache_policies.md).
 
-A policy is one episode's state machine, driven by the engine (`policies/cache/engine.py`):
-    decision = policy.decide(frame)             # cheap: images, state and stored maps only, no model call
+A policy only decides; what an episode remembers lives in its session (`policies/serving/pi05.py`) as a
+`CacheState` value the policy makes and reads:
+    state = policy.new_state()                  # at session open: the last full frame's K/V, images, maps
+    decision = policy.decide(frame, state)      # cheap: images, state and stored maps only, no model call
     ... the engine computes the frame as decided (full / reuse / partial), batched with other sessions ...
-    policy.update(frame, decision, outputs)     # store what the next decisions compare against
-The policy holds no model: the stored K/V and maps are values the engine hands over (a reused cache is
-read-only; the model never writes it).
+    policy.update(frame, decision, outputs, state)   # store what the next decisions compare against
+One policy object (config + model layout, validated once) serves every session of its variant. The stored
+K/V and maps are values the engine hands over (a reused cache is read-only; the model never writes it).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import numpy as np
 from torch import Tensor
 
 from policies.pi05.configuration import CAMERA_NAMES, Pi05Config
-from policies.pi05.modeling import PrefixKV, TokenReuse
+from policies.pi05.stages import PrefixKV, TokenReuse
 
 DECISIONS = ("full", "reuse", "partial")
 
@@ -135,60 +137,65 @@ class FrameOutputs:
     denoise_attention: dict[int, Tensor] = dataclasses.field(default_factory=dict)  # layer -> [H, H_act, Tp]
 
 
-class CachePolicy(abc.ABC):
-    """One episode's cache decisions. Subclasses: one file each, with their config dataclass beside them."""
+@dataclasses.dataclass
+class CacheState:
+    """One session's memory: the prefix K/V (and pad mask) that `reuse` frames denoise against. Policies
+    extend it with what their decisions compare against (images, state, attention maps, counters)."""
 
-    name: ClassVar[str]
-
-    def __init__(self, layout: PrefixLayout) -> None:
-        self.layout = layout
-        self.reset()
-
-    @abc.abstractmethod
-    def reset(self) -> None:
-        """Forget the episode (start of an episode, and at its end to free the stored K/V and maps)."""
-
-    @abc.abstractmethod
-    def decide(self, frame: Frame) -> Decision: ...
-
-    @abc.abstractmethod
-    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs) -> None: ...
+    prefix_kv: PrefixKV | None = None
+    prefix_mask: Tensor | None = None
 
     def reuse_kv(self) -> tuple[PrefixKV, Tensor]:
         """The stored K/V and pad mask a `reuse` decision denoises against."""
-        raise NotImplementedError(f"{self.name} never decides 'reuse'")
+        if self.prefix_kv is None or self.prefix_mask is None:
+            raise RuntimeError("reuse decided before any full frame was stored")
+        return self.prefix_kv, self.prefix_mask
 
     def nbytes(self) -> int:
         """Memory held for the session (stored K/V, images and maps)."""
-        return 0
+        return tensor_bytes(*(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+
+class CachePolicy(abc.ABC):
+    """A cache policy's decisions for every session of one variant. Subclasses: one file each, with their
+    config dataclass and their `CacheState` subclass beside them. Pi0.5 paths read the cameras."""
+
+    name: ClassVar[str]
+    needs_images: ClassVar[bool] = True
+    needs_privileged: ClassVar[bool] = False
+    needs: AttentionNeeds = NO_NEEDS  # attention a frame's computation returns for `update`
+
+    def __init__(self, layout: PrefixLayout) -> None:
+        self.layout = layout
+
+    def new_state(self) -> CacheState:
+        return CacheState()
+
+    @abc.abstractmethod
+    def decide(self, frame: Frame, state: CacheState) -> Decision: ...
+
+    @abc.abstractmethod
+    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs, state: CacheState) -> None: ...
 
 
 def tensor_bytes(*values: Any) -> int:
-    """Bytes of the tensors / PrefixKVs among `values` (None skipped)."""
+    """Bytes of the tensors / PrefixKVs among `values`, looking into tuples and dicts (None skipped)."""
     total = 0
     for v in values:
         if isinstance(v, PrefixKV):
             total += v.nbytes
         elif isinstance(v, Tensor):
             total += v.numel() * v.element_size()
+        elif isinstance(v, (tuple, list)):
+            total += tensor_bytes(*v)
+        elif isinstance(v, dict):
+            total += tensor_bytes(*v.values())
     return total
 
 
 class LastFullPolicy(CachePolicy):
     """A policy whose reuse frames denoise against the prefix K/V of the last full frame."""
 
-    def reset(self) -> None:
-        self.prefix_kv: PrefixKV | None = None
-        self.prefix_mask: Tensor | None = None
-
-    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs) -> None:
+    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs, state: CacheState) -> None:
         if decision.kind == "full":
-            self.prefix_kv, self.prefix_mask = outputs.prefix_kv, outputs.prefix_mask
-
-    def reuse_kv(self) -> tuple[PrefixKV, Tensor]:
-        if self.prefix_kv is None or self.prefix_mask is None:
-            raise RuntimeError(f"{self.name}: reuse decided before any full frame was stored")
-        return self.prefix_kv, self.prefix_mask
-
-    def nbytes(self) -> int:
-        return tensor_bytes(self.prefix_kv, self.prefix_mask)
+            state.prefix_kv, state.prefix_mask = outputs.prefix_kv, outputs.prefix_mask

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from policies.cache.base import Decision, Frame, FrameOutputs, LastFullPolicy, PrefixLayout
+from policies.cache.base import CacheState, Decision, Frame, FrameOutputs, LastFullPolicy, PrefixLayout
 
 
 def check_window(window: int) -> None:
@@ -28,6 +28,11 @@ class FixedWindowConfig:
         check_window(self.window)
 
 
+@dataclasses.dataclass
+class FixedWindowState(CacheState):
+    frames_in_window: int = 0  # frames served since (and including) the last full frame
+
+
 class FixedWindowPolicy(LastFullPolicy):
     """Reasons: first_frame (frame 1), scheduled (a window start), window (reuse inside a window).
 
@@ -41,26 +46,26 @@ class FixedWindowPolicy(LastFullPolicy):
         self.config = config or FixedWindowConfig()
         super().__init__(layout)
 
-    def reset(self) -> None:
-        super().reset()
-        self.frames_in_window = 0
+    def new_state(self) -> FixedWindowState:
+        return FixedWindowState()
 
-    def window_start(self) -> bool:
+    def window_start(self, state: FixedWindowState) -> bool:
         """Whether the next frame k satisfies (k - 1) mod N == 0 (k counted from the window's full frame)."""
-        return self.frames_in_window % self.config.window == 0
+        return state.frames_in_window % self.config.window == 0
 
-    def decision(self, kind: str, reason: str, signals=None, thresholds=None) -> Decision:
+    @staticmethod
+    def decision(state: FixedWindowState, kind: str, reason: str, signals=None, thresholds=None) -> Decision:
         """A decision recording the frame's position in its window (1 = the full frame)."""
-        position = 1 if kind == "full" else self.frames_in_window + 1
+        position = 1 if kind == "full" else state.frames_in_window + 1
         return Decision(kind, reason, signals or {}, thresholds or {}, extra={"window_position": position})
 
-    def decide(self, frame: Frame) -> Decision:
-        if self.prefix_kv is None:
-            return self.decision("full", "first_frame")
-        if self.window_start():
-            return self.decision("full", "scheduled")
-        return self.decision("reuse", "window")
+    def decide(self, frame: Frame, state: FixedWindowState) -> Decision:
+        if state.prefix_kv is None:
+            return self.decision(state, "full", "first_frame")
+        if self.window_start(state):
+            return self.decision(state, "full", "scheduled")
+        return self.decision(state, "reuse", "window")
 
-    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs) -> None:
-        super().update(frame, decision, outputs)
-        self.frames_in_window = 1 if decision.kind == "full" else self.frames_in_window + 1
+    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs, state: FixedWindowState) -> None:
+        super().update(frame, decision, outputs, state)
+        state.frames_in_window = 1 if decision.kind == "full" else state.frames_in_window + 1

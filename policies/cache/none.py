@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from policies.cache.base import CachePolicy, Decision, Frame, FrameOutputs, PrefixLayout
+from policies.cache.base import CachePolicy, CacheState, Decision, Frame, FrameOutputs, PrefixLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,11 +22,8 @@ class NonePolicy(CachePolicy):
         self.config = config or NoneConfig()
         super().__init__(layout)
 
-    def reset(self) -> None:
-        pass
-
-    def decide(self, frame: Frame) -> Decision:
+    def decide(self, frame: Frame, state: CacheState) -> Decision:
         return Decision("full", "baseline")
 
-    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs) -> None:
+    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs, state: CacheState) -> None:
         pass

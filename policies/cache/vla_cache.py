@@ -38,6 +38,7 @@ from torch import Tensor
 from policies.cache.base import (
     AttentionNeeds,
     CachePolicy,
+    CacheState,
     Decision,
     Frame,
     FrameOutputs,
@@ -45,7 +46,7 @@ from policies.cache.base import (
     tensor_bytes,
 )
 from policies.cache.signals import patch_cosine, patch_pixels, reuse_schedule, scaled_layers, static_patches
-from policies.pi05.modeling import PrefixKV, TokenReuse
+from policies.pi05.stages import TokenReuse
 
 RELEVANCE_MODES = ("threshold", "top_k")
 REPO_DEPTH = 32  # OpenVLA's Llama-2 layers, the repo's frame of reference
@@ -96,6 +97,26 @@ class VlaCacheConfig:
                              f"got {self.pruning_layers!r}")
 
 
+@dataclasses.dataclass
+class VlaCacheState(CacheState):
+    """The previous frame: its images and patch pixels, the running per-layer K/V its computation left
+    (`prefix_kv`, batch 1), the age of every (layer, token) K/V and its attention statistics."""
+
+    prev_images: Tensor | None = None  # [N_cam, 3, S, S]
+    prev_block: tuple[int, int] | None = None  # camera slots [start, end) of `prev_pixels`
+    prev_pixels: tuple[Tensor, Tensor] | None = None  # `patch_pixels` of those slots
+    frame_pixels: tuple[int, tuple[int, int], tuple[Tensor, Tensor]] | None = None  # from `decide`
+    buffers: tuple[Tensor, Tensor] | None = None  # pixels of this frame / of the previous one
+    scratch: tuple[Tensor, Tensor] | None = None  # products and channel sums
+    ages: Tensor | None = None  # [L, Tp] int32: frames since each (layer, token) K/V was computed
+    entropy: Tensor | None = None  # [L - 1] of the previous frame
+    relevance: Tensor | None = None  # [Tp] text-query attention per key, previous frame
+
+    def nbytes(self) -> int:  # prev_pixels / frame_pixels are views into `buffers`
+        return tensor_bytes(self.prev_images, self.buffers, self.scratch, self.prefix_kv, self.ages, self.entropy,
+                            self.relevance)
+
+
 class VlaCachePolicy(CachePolicy):
     """Reasons: first_frame, no_static_patches, no_reusable_patches (full); static_patches (partial)."""
 
@@ -118,31 +139,22 @@ class VlaCachePolicy(CachePolicy):
                                     prefix_relevance=frozenset({self.relevance_layer}))
         super().__init__(layout)
 
-    def reset(self) -> None:
-        self.prev_images: Tensor | None = None  # [N_cam, 3, S, S]
-        self.prev_block: tuple[int, int] | None = None  # camera slots [start, end) of `prev_pixels`
-        self.prev_pixels: tuple[Tensor, Tensor] | None = None  # `patch_pixels` of those slots
-        self._frame_pixels: tuple[int, tuple[int, int], tuple[Tensor, Tensor]] | None = None  # from `decide`
-        self._buffers: tuple[Tensor, Tensor] | None = None  # pixels of this frame / of the previous one
-        self._scratch: tuple[Tensor, Tensor] | None = None  # products and channel sums
-        self.cache: PrefixKV | None = None  # running per-layer K/V, batch 1
-        self.ages: Tensor | None = None  # [L, Tp] int32: frames since each (layer, token) K/V was computed
-        self.entropy: Tensor | None = None  # [L - 1] of the previous frame
-        self.relevance: Tensor | None = None  # [Tp] text-query attention per key, previous frame
+    def new_state(self) -> VlaCacheState:
+        return VlaCacheState()
 
     # ---- decision
 
-    def decide(self, frame: Frame) -> Decision:
-        if self.prev_images is None or self.cache is None or self.relevance is None or self.entropy is None:
+    def decide(self, frame: Frame, state: VlaCacheState) -> Decision:
+        if state.prev_images is None or state.prefix_kv is None or state.relevance is None or state.entropy is None:
             return Decision("full", "first_frame", needs=self.needs)
         cams = frame.cameras
         per_camera = self.layout.tokens_per_camera
         block = (cams[0], cams[-1] + 1)  # the present slots as one view (LIBERO: 0, 1): no copies per frame
-        pixels = self.block_pixels(frame.images, block)
-        self._frame_pixels = (frame.index, block, pixels)  # kept as the next frame's reference by `update`
-        previous = (self.prev_pixels if self.prev_block == block  # else the camera mask changed: measure again
-                    else patch_pixels(self.prev_images[block[0] : block[1]], self.layout.patch_size))
-        similarity = patch_cosine(pixels, previous, self.layout.patch_size, self._scratch)  # [slots in block, P]
+        pixels = self.block_pixels(frame.images, block, state)
+        state.frame_pixels = (frame.index, block, pixels)  # kept as the next frame's reference by `update`
+        previous = (state.prev_pixels if state.prev_block == block  # else the camera mask changed: measure again
+                    else patch_pixels(state.prev_images[block[0] : block[1]], self.layout.patch_size))
+        similarity = patch_cosine(pixels, previous, self.layout.patch_size, state.scratch)  # [slots in block, P]
         rows = similarity[[cam - block[0] for cam in cams]]  # [N_present, P]
         statics = [static_patches(row, self.config.similarity, self.config.static_top_k) for row in rows]
         n_vision = len(cams) * per_camera
@@ -150,13 +162,13 @@ class VlaCachePolicy(CachePolicy):
         signals = {"static_ratio": int((rows >= self.config.similarity).sum()) / n_vision}
         if not any(len(s) for s in statics):
             return Decision("full", "no_static_patches", signals, needs=self.needs)
-        tokens, importance = self.reusable(cams, statics)
+        tokens, importance = self.reusable(cams, statics, state.relevance)
         signals["reusable_ratio"] = len(tokens) / n_vision
         if not len(tokens):
             return Decision("full", "no_reusable_patches", signals, needs=self.needs)
         ordered = tokens[torch.argsort(importance, stable=True)]  # least task-relevant first
-        plan, dropped = self.plan(ordered)
-        ages = torch.cat([self.ages[layer, ordered[:n]] + 1 for layer, n in enumerate(dropped) if n])
+        plan, dropped = self.plan(ordered, state)
+        ages = torch.cat([state.ages[layer, ordered[:n]] + 1 for layer, n in enumerate(dropped) if n])
         extra = {
             "per_layer_reuse": [n / self.layout.num_tokens for n in dropped],
             "tokens_per_layer": plan.tokens_per_layer(self.layout.num_tokens),
@@ -165,23 +177,23 @@ class VlaCachePolicy(CachePolicy):
         }
         return Decision("partial", "static_patches", signals, needs=self.needs, plan=plan, extra=extra)
 
-    def block_pixels(self, images: Tensor, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def block_pixels(self, images: Tensor, block: tuple[int, int], state: VlaCacheState) -> tuple[Tensor, Tensor]:
         """`patch_pixels` of the slots `block`, written into whichever of two buffers does not hold the
         previous frame's pixels (no megabyte allocations per frame)."""
         x = images[block[0] : block[1]]
-        if self._buffers is None or self._buffers[0].shape != x.shape:
-            self._buffers = (torch.empty_like(x), torch.empty_like(x))
-            self._scratch = (torch.empty_like(x), torch.empty_like(x[:, :1]))
-        held = self.prev_pixels[0] if self.prev_pixels is not None else None
-        free = self._buffers[1] if held is self._buffers[0] else self._buffers[0]
-        return patch_pixels(x, self.layout.patch_size, out=free, scratch=self._scratch)
+        if state.buffers is None or state.buffers[0].shape != x.shape:
+            state.buffers = (torch.empty_like(x), torch.empty_like(x))
+            state.scratch = (torch.empty_like(x), torch.empty_like(x[:, :1]))
+        held = state.prev_pixels[0] if state.prev_pixels is not None else None
+        free = state.buffers[1] if held is state.buffers[0] else state.buffers[0]
+        return patch_pixels(x, self.layout.patch_size, out=free, scratch=state.scratch)
 
-    def reusable(self, cams: list[int], statics: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def reusable(self, cams: list[int], statics: list[Tensor], relevance: Tensor) -> tuple[Tensor, Tensor]:
         """Static patches left after the relevance filter, as prefix token indices, with their importance."""
         tokens, importance = [], []
         for cam, static in zip(cams, statics, strict=True):
             start, end = self.layout.camera_tokens(cam)
-            imp = self.relevance[start:end] / (self.relevance[start:end].sum() + 1e-10)  # [256], sums to 1
+            imp = relevance[start:end] / (relevance[start:end].sum() + 1e-10)  # [256], sums to 1
             if self.config.relevance == "threshold":
                 keep = static[imp[static] < self.config.importance_threshold]
                 keep = keep[torch.argsort(imp[keep], stable=True)][: self.config.relevance_top_k]
@@ -192,16 +204,16 @@ class VlaCachePolicy(CachePolicy):
             importance.append(imp[keep])
         return torch.cat(tokens), torch.cat(importance)
 
-    def schedule(self) -> list[float]:
+    def schedule(self, entropy: Tensor) -> list[float]:
         """Reuse proportion per layer (the last layer takes the last scheduled value)."""
         if self.config.reuse_proportion is not None:
             return [self.config.reuse_proportion] * self.layout.depth
-        proportions = reuse_schedule(self.entropy, self.config.growth_factor).tolist()
+        proportions = reuse_schedule(entropy, self.config.growth_factor).tolist()
         return proportions + proportions[-1:] * (self.layout.depth - len(proportions))
 
-    def plan(self, ordered: Tensor) -> tuple[TokenReuse, list[int]]:
+    def plan(self, ordered: Tensor, state: VlaCacheState) -> tuple[TokenReuse, list[int]]:
         """Tokens each layer recomputes: the first n_l of `ordered` are dropped from layer l on."""
-        proportions = self.schedule()
+        proportions = self.schedule(state.entropy)
         dropped, count = [], 0
         for layer in range(self.layout.depth):
             if layer in self.pruning_layers:
@@ -217,37 +229,33 @@ class VlaCachePolicy(CachePolicy):
             else:
                 keep[ordered[:n]] = False
                 active.append(keep.nonzero().flatten())
-        return TokenReuse(cache=self.cache, active=tuple(active)), dropped
+        return TokenReuse(cache=state.prefix_kv, active=tuple(active)), dropped
 
     # ---- state
 
-    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs) -> None:
-        self.prev_images = frame.images
-        if self._frame_pixels is not None and self._frame_pixels[0] == frame.index:
-            _, self.prev_block, self.prev_pixels = self._frame_pixels
+    def update(self, frame: Frame, decision: Decision, outputs: FrameOutputs, state: VlaCacheState) -> None:
+        state.prev_images = frame.images
+        if state.frame_pixels is not None and state.frame_pixels[0] == frame.index:
+            _, state.prev_block, state.prev_pixels = state.frame_pixels
         else:  # decided without comparing (first frame): measure now for the next frame
             cams = frame.cameras
-            self.prev_block = (cams[0], cams[-1] + 1)
-            self.prev_pixels = self.block_pixels(frame.images, self.prev_block)
-        self._frame_pixels = None
-        self.cache = outputs.prefix_kv
+            state.prev_block = (cams[0], cams[-1] + 1)
+            state.prev_pixels = self.block_pixels(frame.images, state.prev_block, state)
+        state.frame_pixels = None
+        state.prefix_kv, state.prefix_mask = outputs.prefix_kv, outputs.prefix_mask
         if decision.kind == "partial":
-            ages = self.ages + 1
+            ages = state.ages + 1
             for layer, active in enumerate(decision.plan.active):
                 if active is None:
                     ages[layer] = 0
                 else:
                     ages[layer, active] = 0
-            self.ages = ages
+            state.ages = ages
         else:
-            self.ages = torch.zeros(self.layout.depth, self.layout.num_tokens, dtype=torch.int32,
-                                    device=outputs.prefix_kv.keys[0].device)
+            state.ages = torch.zeros(self.layout.depth, self.layout.num_tokens, dtype=torch.int32,
+                                     device=outputs.prefix_kv.keys[0].device)
         if outputs.prefix_entropy and self.relevance_layer in outputs.prefix_relevance:
-            self.entropy = torch.tensor([outputs.prefix_entropy[layer] for layer in self.entropy_layers])
-            self.relevance = outputs.prefix_relevance[self.relevance_layer].float()
+            state.entropy = torch.tensor([outputs.prefix_entropy[layer] for layer in self.entropy_layers])
+            state.relevance = outputs.prefix_relevance[self.relevance_layer].float()
         else:
-            self.entropy = self.relevance = None  # no maps: the next frame is full again
-
-    def nbytes(self) -> int:
-        return tensor_bytes(self.prev_images, *(self._buffers or ()), *(self._scratch or ()), self.cache, self.ages,
-                            self.entropy, self.relevance)
+            state.entropy = state.relevance = None  # no maps: the next frame is full again

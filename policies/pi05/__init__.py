@@ -1,10 +1,7 @@
 """Pi0.5 (pi05) inference in plain PyTorch, with the stages exposed for cached inference paths.
 
-    from policies.pi05 import Pi05Policy
-    policy = Pi05Policy.tiny_random(seed=0)                       # CPU demo, random weights
-    policy = Pi05Policy.from_checkpoint("/ckpt/pi05_libero", device="cuda", dtype="bfloat16")
-
 Model stages (`Pi05Model`): embed_prefix -> compute_prefix_kv -> denoise; `sample_actions` composes them.
+The Policy over it (`Pi05Policy`) is serving's: `policies/serving/policy.py`, which builds on this package.
 """
 from policies.pi05.checkpoint import (
     CheckpointError,
@@ -15,10 +12,10 @@ from policies.pi05.checkpoint import (
     save_weights,
 )
 from policies.pi05.configuration import PRESETS, GemmaConfig, Pi05Config, SiglipConfig, pi05_libero, tiny
-from policies.pi05.modeling import DenoiseResult, Pi05Inputs, Pi05Model, Prefix, PrefixKV
-from policies.pi05.policy import Pi05Policy, noise_seed, sample_noise
+from policies.pi05.modeling import Pi05Model
 from policies.pi05.processing import Normalizer, Pi05Processor, PromptTokenizer
 from policies.pi05.sampling import integrate, time_grid
+from policies.pi05.stages import DenoiseResult, Pi05Inputs, Prefix, PrefixKV
 
 __all__ = [
     "PRESETS",
@@ -30,7 +27,6 @@ __all__ = [
     "Pi05Config",
     "Pi05Inputs",
     "Pi05Model",
-    "Pi05Policy",
     "Pi05Processor",
     "Prefix",
     "PrefixKV",
@@ -39,10 +35,8 @@ __all__ = [
     "build_model",
     "integrate",
     "load_weights",
-    "noise_seed",
     "pi05_libero",
     "read_checkpoint_dir",
-    "sample_noise",
     "save_weights",
     "time_grid",
     "tiny",

@@ -1,7 +1,7 @@
 """Execution backends for the Pi0.5 stages the policy actor runs: eager PyTorch, torch.compile, TensorRT.
 
 A backend offers the model's stage API (`embed_prefix`, `compute_prefix_kv`, `denoise`, `sample_actions`)
-with the same signatures and values, so `CachedPi05Engine` and every cache path run unchanged on any
+with the same signatures and values, so `Pi05Engine` (policies/serving/pi05.py) and every cache path run unchanged on any
 of them. What a backend cannot accelerate runs the model's own eager method and is counted in
 `fallbacks` (reported by `describe()`):
   * the partial prefix pass (VLA-Cache token reuse): each layer drops a data-dependent token set;
@@ -13,7 +13,8 @@ of them. What a backend cannot accelerate runs the model's own eager method and 
               captured once per (batch, prefix length, steps, schedule, solver) as one CUDA graph, so a
               reuse frame is one graph replay plus the input copies.
     tensorrt  engines built by launch/build_engines.py from the exported ONNX stages; the same CUDA graph
-              capture of the loop around the TensorRT step. Needs the `tensorrt` extra and a GPU.
+              capture of the loop around the TensorRT step. Needs the `tensorrt` extra and a GPU; the
+              engine runner is in policies/pi05/tensorrt.py.
 
 Tolerances against eager on the same inputs (float32): compile ACTION_TOLERANCE["compile"] (inductor
 fuses and reorders float reductions), tensorrt ACTION_TOLERANCE["tensorrt"] (FP16 engines; FP8 prefix
@@ -22,26 +23,24 @@ engines need a success-rate check, not a tolerance).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from policies.pi05.modeling import (
+from policies.pi05.modeling import Pi05Model
+from policies.pi05.stages import (
     AttentionCallback,
     AttentionLayers,
     DenoiseResult,
     Pi05Inputs,
-    Pi05Model,
     Prefix,
     PrefixKV,
     TokenReuse,
-    _resolve_layers,
+    resolve_layers,
 )
 
 BACKENDS = ("eager", "compile", "tensorrt")
@@ -50,8 +49,6 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 _WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 # max |actions - eager actions| on the same inputs (normalised action units), asserted in the tests / bench
 ACTION_TOLERANCE = {"eager": 0.0, "compile": 1e-4, "tensorrt": 5e-2}
-TENSORRT_EXTRA_HINT = 'pip install -e ".[tensorrt]"'
-ENGINE_MANIFEST = "engines.json"  # written by launch/build_engines.py next to the engines
 
 
 class BackendError(RuntimeError):
@@ -86,13 +83,6 @@ class BackendOptions:
         """The options among a sweep config's `model` section (other keys ignored, missing ones default)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{name: section[name] for name in names if name in section})
-
-
-def make_backend(model: Pi05Model, options: BackendOptions | None = None) -> Pi05Backend:
-    """The backend `options.backend` names, over `model` (which stays the eager fallback)."""
-    options = options or BackendOptions()
-    cls = {"eager": Pi05Backend, "compile": CompiledBackend, "tensorrt": TensorRTBackend}[options.backend]
-    return cls(model, options)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -159,8 +149,8 @@ class Pi05Backend:
         callback_layers: AttentionLayers = False,
     ) -> PrefixKV:
         depth = self.config.vlm.depth
-        want = _resolve_layers(return_attention, depth)
-        hooked = _resolve_layers(callback_layers, depth) if on_attention is not None else frozenset()
+        want = resolve_layers(return_attention, depth)
+        hooked = resolve_layers(callback_layers, depth) if on_attention is not None else frozenset()
         result = None
         if reuse is None:  # a partial pass drops a data-dependent token set per layer: eager only
             result = self.prefix_pass(prefix, tuple(sorted(want | hooked)))
@@ -185,7 +175,7 @@ class Pi05Backend:
         return_attention: AttentionLayers = False,
     ) -> DenoiseResult:
         num_steps = self.config.num_steps if num_steps is None else num_steps
-        layers = _resolve_layers(return_attention, self.config.action_expert.depth)
+        layers = resolve_layers(return_attention, self.config.action_expert.depth)
         if not layers and self.graphs is not None:
             return self.graphs.run(prefix_kv, prefix_mask, noise, num_steps, schedule, solver)
         return self.denoise_uncaptured(prefix_kv, prefix_mask, noise, num_steps, schedule, solver, layers)
@@ -347,60 +337,7 @@ def _prefix_arrays(model: Pi05Model, embeddings: Tensor, pad_mask: Tensor, ar_ma
 
 
 # --------------------------------------------------------------------------------------------------------
-# tensorrt
-
-
-def import_tensorrt():
-    """The tensorrt module, or an ImportError that names the extra to install."""
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise ImportError(f"backend 'tensorrt' needs the TensorRT Python package, which is not installed "
-                          f"({exc}): install the `tensorrt` extra ({TENSORRT_EXTRA_HINT}) on a machine with an "
-                          "NVIDIA GPU, then build engines with `python -m launch.build_engines`") from exc
-    return tensorrt
-
-
-_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
-                 "INT64": torch.int64, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8}
-
-
-class TensorRTStage:
-    """One deserialized engine with its execution context; torch tensors are bound as its I/O buffers."""
-
-    def __init__(self, trt: Any, runtime: Any, path: Path, device: torch.device) -> None:
-        self.path = path
-        self.device = device
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise BackendError(f"TensorRT could not deserialize {path} (built with another TensorRT version or "
-                               "for another GPU? rebuild it with launch/build_engines.py on this machine)")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
-        self.inputs = [n for n in names if is_input[n]]
-        self.outputs = [n for n in names if not is_input[n]]
-        self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name] for n in names}
-
-    def __call__(self, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Run on torch's current stream (stream-ordered with the surrounding torch work, capturable)."""
-        bound = {}
-        for name in self.inputs:
-            tensor = feeds[name].to(device=self.device, dtype=self.dtypes[name]).contiguous()
-            bound[name] = tensor  # kept alive until the enqueue below; the caching allocator is stream-ordered
-            if not self.context.set_input_shape(name, tuple(tensor.shape)):
-                raise BackendError(f"{self.path.name}: input {name} of shape {tuple(tensor.shape)} is outside the "
-                                   "engine's optimization profile (rebuild with a larger --max-batch)")
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        outputs = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
-            self.context.set_tensor_address(name, outputs[name].data_ptr())
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        if not self.context.execute_async_v3(stream):
-            raise BackendError(f"TensorRT execution of {self.path.name} failed")
-        return outputs
+# exported stages (TensorRT engines: policies/pi05/tensorrt.py; onnxruntime sessions in the tests)
 
 
 StageFn = Callable[[dict[str, Tensor]], dict[str, Tensor]]  # named inputs -> named outputs (export.py names)
@@ -465,37 +402,6 @@ class ExportedStagesBackend(Pi05Backend):
             return out["velocity"].to(out_dtype), maps
 
         return predict
-
-
-class TensorRTBackend(ExportedStagesBackend):
-    """Engines of the exported stages (ONNX -> TensorRT, launch/build_engines.py), torch tensors bound as
-    their I/O buffers. UNVERIFIED: TensorRT wheels cannot be installed on the development machines."""
-
-    def __init__(self, model: Pi05Model, options: BackendOptions | None = None) -> None:
-        options = options or BackendOptions(backend="tensorrt")
-        trt = import_tensorrt()
-        device = next(model.parameters()).device
-        if device.type != "cuda":
-            raise BackendError(f"backend 'tensorrt' needs the model on a CUDA device, got {device}")
-        directory = Path(options.engine_dir)
-        manifest_path = directory / ENGINE_MANIFEST
-        if not manifest_path.is_file():
-            raise BackendError(f"{manifest_path} not found: build engines with `python -m launch.build_engines "
-                               f"--out {directory}`")
-        self.manifest = json.loads(manifest_path.read_text())
-        built_for = self.manifest.get("config", {})
-        if built_for != model.config.to_dict():
-            raise BackendError(f"engines in {directory} were built for config {built_for.get('name')!r}, which "
-                               f"differs from the model's ({model.config.name!r}): rebuild them")
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(self.logger)
-        start = time.perf_counter()
-        entries = self.manifest["stages"]
-        stages = {name: TensorRTStage(trt, runtime, directory / entry["engine"], device)
-                  for name, entry in entries.items()}
-        super().__init__(model, options, stages,
-                         {name: entry.get("attention_layers", ()) for name, entry in entries.items()})
-        self.setup_s += time.perf_counter() - start
 
 
 def _stacked(tensors: Sequence[Tensor]) -> Tensor:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from policies.base import PolicyError
 from policies.pi05.configuration import CAMERA_NAMES, GemmaConfig, Pi05Config, pi05_libero
-from policies.pi05.modeling import Pi05Model, _as_dtype
+from policies.pi05.modeling import Pi05Model, as_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def build_model(
     """Validate on the meta device first (no memory), then allocate on `device` in `dtype` and load."""
     with torch.device("meta"):
         model = Pi05Model(config)
-    model.set_precision(_as_dtype(dtype))
+    model.set_precision(as_dtype(dtype))
     validate_weights(model, weights, layout)
     model.to_empty(device=device)
     model.tie_weights()

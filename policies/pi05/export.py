@@ -35,7 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from policies.pi05.modeling import Pi05Model, Prefix, PrefixKV, _resolve_layers
+from policies.pi05.checkpoint import build_model, read_checkpoint_dir
+from policies.pi05.configuration import tiny
+from policies.pi05.modeling import Pi05Model
+from policies.pi05.stages import Prefix, PrefixKV, resolve_layers
 
 STAGES = ("vision", "prefix", "prefix_attention", "denoise_step", "denoise_step_attention")
 MANIFEST = "stages.json"
@@ -88,7 +91,7 @@ class PrefixStage(nn.Module):
     def __init__(self, model: Pi05Model, attention_layers: Sequence[int] = ()) -> None:
         super().__init__()
         self.model = model
-        self.attention_layers = tuple(sorted(_resolve_layers(list(attention_layers), model.config.vlm.depth)))
+        self.attention_layers = tuple(sorted(resolve_layers(list(attention_layers), model.config.vlm.depth)))
 
     def forward(self, embeddings: Tensor, pad_mask: Tensor) -> tuple[Tensor, ...]:
         # embeddings: [B, Tp, W]; pad_mask: [B, Tp] bool -> keys, values [L, B, H_kv, Tp, D] (+ maps [n, B, H, Tp, Tp])
@@ -106,8 +109,8 @@ class DenoiseStepStage(nn.Module):
     def __init__(self, model: Pi05Model, attention_layers: Sequence[int] = ()) -> None:
         super().__init__()
         self.model = model
-        self.attention_layers = tuple(sorted(_resolve_layers(list(attention_layers),
-                                                             model.config.action_expert.depth)))
+        self.attention_layers = tuple(sorted(resolve_layers(list(attention_layers),
+                                                            model.config.action_expert.depth)))
 
     def forward(self, x_t: Tensor, t: Tensor, prefix_keys: Tensor, prefix_values: Tensor,
                 prefix_mask: Tensor) -> Tensor | tuple[Tensor, Tensor]:
@@ -182,11 +185,11 @@ def stage_specs(model: Pi05Model, prefix_attention_layers: Sequence[int] | bool 
     velocity = TensorSpec("velocity", ("batch", h, a), "float32")
     specs = {"vision": vision, "prefix": StageSpec("prefix", prefix_in, kv),
              "denoise_step": StageSpec("denoise_step", step_in, (velocity,))}
-    prefix_layers = tuple(sorted(_resolve_layers(prefix_attention_layers, depth)))
+    prefix_layers = tuple(sorted(resolve_layers(prefix_attention_layers, depth)))
     if prefix_layers:
         maps = TensorSpec("prefix_attention", (len(prefix_layers), "batch", heads, tp, tp), "float32")
         specs["prefix_attention"] = StageSpec("prefix_attention", prefix_in, (*kv, maps), prefix_layers)
-    step_layers = tuple(sorted(_resolve_layers(denoise_attention_layers, cfg.action_expert.depth)))
+    step_layers = tuple(sorted(resolve_layers(denoise_attention_layers, cfg.action_expert.depth)))
     if step_layers:
         maps = TensorSpec("action_attention", (len(step_layers), "batch", heads, h, tp), "float32")
         specs["denoise_step_attention"] = StageSpec("denoise_step_attention", step_in, (velocity, maps), step_layers)
@@ -232,7 +235,7 @@ def example_inputs(spec: StageSpec, batch: int, seed: int = 0,
 def export_stage(model: Pi05Model, spec: StageSpec, path: Path, opset: int = OPSET) -> Path:
     """One stage to ONNX with the dynamo exporter; the batch axis is dynamic (traced at batch 2)."""
     require_onnx()
-    from torch.export import Dim
+    from torch.export import Dim  # the exporter's API, loaded with the onnx extra's code path only
 
     batch = Dim("batch", min=1, max=1024)
     module = stage_module(model, spec).eval()
@@ -296,7 +299,7 @@ class OnnxRuntimeStage:
     torch tensors in and out), so the `tensorrt` backend's routing can run on machines without a GPU."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional: the `onnx` extra
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
@@ -335,9 +338,15 @@ def check_stages(model: Pi05Model, out_dir: str | Path, batches: Sequence[int] =
             for name, spec in specs.items()}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from policies.pi05.policy import Pi05Policy
+def load_model(checkpoint: str | Path | None, seed: int = 0) -> Pi05Model:
+    """The float32 model to export: a checkpoint directory's, or the tiny architecture with seeded weights."""
+    if checkpoint is None:
+        return Pi05Model(tiny()).init_random_weights(seed).eval()
+    info = read_checkpoint_dir(checkpoint)
+    return build_model(info.config, info.weights, dtype=torch.float32)[0]
 
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Export Pi0.5 stages to ONNX (dynamic batch) and check them "
                                                  "against PyTorch with onnxruntime")
     parser.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the tiny random model)")
@@ -350,15 +359,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="action-expert layers whose maps denoise_step_attention returns (default: all)")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     args = parser.parse_args(argv)
-    policy = (Pi05Policy.from_checkpoint(args.checkpoint, dtype="float32") if args.checkpoint
-              else Pi05Policy.tiny_random(seed=args.seed))
-    manifest = export_stages(policy.model, args.out, args.stages,
+    model = load_model(args.checkpoint, args.seed)
+    manifest = export_stages(model, args.out, args.stages,
                              True if args.prefix_attention_layers is None else args.prefix_attention_layers,
                              True if args.denoise_attention_layers is None else args.denoise_attention_layers)
     for name, entry in manifest["stages"].items():
         print(f"exported {name:>24} in {entry['export_s']:6.1f} s -> {args.out / entry['file']}")
     if not args.no_check:
-        for name, diffs in check_stages(policy.model, args.out).items():
+        for name, diffs in check_stages(model, args.out).items():
             cells = ", ".join(f"batch {b}: {d:.2e}" for b, d in diffs.items())
             print(f"{name:>24}: max |onnxruntime - torch| {cells}")
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 
 from policies.pi05.configuration import TINY_VOCAB_SIZE
 
@@ -46,8 +47,6 @@ def corpus(instructions: list[str], seed: int = 0) -> Iterator[str]:
 
 
 def train(instructions: list[str], vocab_size: int = TINY_VOCAB_SIZE) -> bytes:
-    import sentencepiece as spm
-
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=corpus(instructions),

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sentencepiece as spm
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 
 from policies.base import ACTION_DIM, IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_IMAGE_KEY, PolicyError
 from policies.pi05.configuration import Pi05Config
-from policies.pi05.modeling import Pi05Inputs
+from policies.pi05.stages import Pi05Inputs
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +154,6 @@ def save_openpi_norm_stats(path: str | Path, state: Mapping[str, Sequence[float]
 def load_lerobot_normalizer(directory: str | Path) -> Normalizer:
     """LeRobot processor files: `policy_preprocessor.json` (normalizer_processor step: norm_map, eps, features)
     with its stats in `<state_file>.safetensors`; actions from the postprocessor's unnormalizer if present."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
 
     def step(file: str, registry_name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
@@ -241,8 +242,6 @@ class PromptTokenizer:
     """openpi `PaligemmaTokenizer`: sentencepiece ids with BOS, right-padded with 0 to `max_len`."""
 
     def __init__(self, model_file: str | Path, max_len: int) -> None:
-        import sentencepiece as spm
-
         self.path = Path(model_file)
         if not self.path.is_file():
             raise PolicyError(f"sentencepiece model {self.path} not found")
@@ -287,15 +286,31 @@ def find_tokenizer(directory: str | Path) -> Path:
 # Images
 
 
+def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """openpi_client `image_tools.resize_with_pad`: keep the aspect ratio, resize (PIL bilinear) to fit,
+    centre on black padding. The model's input contract, so the policy side owns it (bit-identical to
+    tasks.protocol's, which prepares the observations; tests/test_pi05_processing.py checks both agree)."""
+    # image: [h, w, 3] uint8 -> [height, width, 3] uint8
+    if image.dtype != np.uint8:
+        raise ValueError(f"resize_with_pad expects uint8 images, got {image.dtype}")
+    cur_h, cur_w = image.shape[:2]
+    if (cur_h, cur_w) == (height, width):
+        return image
+    ratio = max(cur_w / width, cur_h / height)
+    new_h, new_w = int(cur_h / ratio), int(cur_w / ratio)
+    resized = Image.fromarray(image).resize((new_w, new_h), resample=Image.BILINEAR)
+    canvas = Image.new(resized.mode, (width, height), 0)
+    canvas.paste(resized, ((width - new_w) // 2, (height - new_h) // 2))
+    return np.asarray(canvas)
+
+
 def fit_image(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 [h, w, 3] -> uint8 [size, size, 3] with openpi's `resize_with_pad` (PIL bilinear, aspect kept,
-    black padding; tasks.protocol's implementation). The protocol's 224 px images reach a model with a
-    smaller vision input (the shipped small Pi0.5 takes 112 px) through here; demos are stored through it."""
+    black padding). The protocol's 224 px images reach a model with a smaller vision input (the shipped
+    small Pi0.5 takes 112 px) through here; demos are stored through it."""
     image = np.asarray(image)
     if image.shape[:2] == (size, size) or image.dtype != np.uint8 or image.ndim != 3:
         return image
-    from tasks.protocol import resize_with_pad
-
     return resize_with_pad(image, size, size)
 
 

@@ -1,9 +1,12 @@
-"""`CachedPi05Engine`: many episode sessions, each with its own cache policy, served in batches from one
-shared Pi0.5 model (the policy actor's engine; Ray-free, see policies/engine.py for the contract).
+"""`Pi05Engine`: many episode sessions, each with its own cache state, served in batches from one shared
+Pi0.5 model (the policy actor's engine; Ray-free; sessions and model-free variants: `engine.Engine`).
+
+A session holds its cache state as values (`CacheState`: the last full frame's prefix K/V, its images and
+attention maps); one cache policy object per variant, bound to the model's layout once, only decides.
 
 `infer_batch(requests)`, one answer per request, in order:
   1. preprocess each observation (Pi05Processor) into a Frame;
-  2. each session's policy decides full / reuse / partial (cheap; timed per request as `decide`);
+  2. each session's policy decides full / reuse / partial from the session's state (cheap; `decide`);
   3. vision (embed_prefix) once for every full and partial request; one batched prefix pass per group of
      full requests with the same attention needs; partial passes (vla_cache) one at a time, since each
      drops its own token set; reuse requests skip both and take their session's stored K/V;
@@ -24,65 +27,39 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from policies.base import ActionChunk, InferenceRecord, Policy, PolicyError
-from policies.cache import CACHE_POLICY_NAMES, make_cache_policy
-from policies.cache.base import AttentionNeeds, CachePolicy, Decision, Frame, FrameOutputs, PrefixLayout
+from policies.base import ActionChunk, InferenceRecord, PolicyError
+from policies.cache import make_cache_policy
+from policies.cache.base import AttentionNeeds, CachePolicy, CacheState, Decision, Frame, FrameOutputs, PrefixLayout
 from policies.cache.signals import PrefixAttentionStats, cosine, l2
-from policies.engine import Engine, PolicyVariant, Request
 from policies.pi05.backends import Pi05Backend
-from policies.pi05.configuration import SCHEDULES, SOLVERS
-from policies.pi05.modeling import Pi05Inputs, Pi05Model, Prefix, PrefixKV
-from policies.pi05.policy import sample_noise
+from policies.pi05.modeling import Pi05Model
 from policies.pi05.processing import Pi05Processor
 from policies.pi05.sampling import EVALUATIONS_PER_STEP
+from policies.pi05.stages import Pi05Inputs, Prefix, PrefixKV
+from policies.serving.engine import Engine, Request
+from policies.serving.noise import sample_noise
+from policies.serving.variants import DenoiseSettings, PolicyVariant
 
-DENOISE_PARAMS = {"num_steps": int, "schedule": str, "solver": str}
 EXECUTED_STEPS = 5  # actions of a chunk executed before the next query (the LIBERO protocol's replan_steps)
-
-
-@dataclasses.dataclass(frozen=True)
-class DenoiseSettings:
-    """The denoising knobs of every policy (seed 004): time grid, ODE solver, number of steps."""
-
-    num_steps: int = 10
-    schedule: str = "linear"
-    solver: str = "euler"
-
-    @property
-    def key(self) -> tuple[int, str, str]:
-        return self.num_steps, self.schedule, self.solver
-
-    def __post_init__(self) -> None:
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {self.num_steps!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver {self.solver!r}: expected one of {', '.join(SOLVERS)}")
-
-    @classmethod
-    def split(cls, params: dict[str, Any], default_steps: int) -> tuple[DenoiseSettings, dict[str, Any]]:
-        """(denoise settings, the remaining cache-policy parameters) of a variant's parameters."""
-        knobs = {k: v for k, v in params.items() if k in DENOISE_PARAMS}
-        knobs.setdefault("num_steps", default_steps)
-        return cls(**knobs), {k: v for k, v in params.items() if k not in DENOISE_PARAMS}
 
 
 @dataclasses.dataclass
 class Session:
+    """One episode under one Pi0.5 variant: its paired seed, its cache state and the next inference index."""
+
     variant: PolicyVariant
     seed: int
-    policy: CachePolicy | None  # None: a model-free session (`simple`)
-    denoise: DenoiseSettings
-    simple: Policy | None = None
-    index: int = 0  # inference index of the next request
+    policy: CachePolicy  # shared by every session of the variant; decides from `state`
+    state: CacheState
+    denoise: DenoiseSettings  # resolved: num_steps set
+    index: int = 0
 
 
 @dataclasses.dataclass
@@ -105,7 +82,7 @@ class _Row:
     shadow: dict[str, float] = dataclasses.field(default_factory=dict)  # deviation from the full path
 
 
-class CachedPi05Engine(Engine):
+class Pi05Engine(Engine):
     """Sessions of every Pi0.5 variant (cache policy + denoising knobs) and of model-free variants."""
 
     def __init__(
@@ -115,10 +92,10 @@ class CachedPi05Engine(Engine):
         *,
         shadow: bool = False,
         executed_steps: int = EXECUTED_STEPS,
-        simple_factory: Callable[[PolicyVariant], Policy] | None = None,
         label: str = "pi05",
         backend: Pi05Backend | None = None,
     ) -> None:
+        super().__init__()
         self.model = model.eval()
         # every stage runs through the backend (eager: the model's own methods; compile; tensorrt)
         self.stages = backend if backend is not None else Pi05Backend(model)
@@ -128,61 +105,38 @@ class CachedPi05Engine(Engine):
         self.device = next(model.parameters()).device
         self.shadow = shadow
         self.executed_steps = executed_steps
-        self.simple_factory = simple_factory
         self.label = label
-        self._sessions: dict[str, Session] = {}
+        self._bound: dict[str, tuple[CachePolicy, DenoiseSettings]] = {}  # variant label ->
 
     # ---- sessions
 
-    def open(self, session_id: str, variant: PolicyVariant, seed: int) -> None:
-        if seed < 0:
-            raise PolicyError(f"episode seed must be >= 0, got {seed}")
-        self.close(session_id)  # a retried episode reopens its session from scratch
-        if variant.name not in CACHE_POLICY_NAMES:
-            if self.simple_factory is None:
-                raise PolicyError(f"policy {variant.name!r} is not a Pi0.5 cache policy; expected one of "
-                                  f"{', '.join(CACHE_POLICY_NAMES)}")
-            simple = self.simple_factory(variant)
-            simple.reset(session_id, seed)
-            self._sessions[session_id] = Session(variant, seed, None, DenoiseSettings(), simple=simple)
-            return
-        try:
-            denoise, params = DenoiseSettings.split(variant.param_dict, self.config.num_steps)
-        except ValueError as exc:
-            raise PolicyError(f"policy {variant.label!r}: {exc}") from None
-        policy = make_cache_policy(variant.name, params, self.layout)
-        needs = getattr(policy, "needs", None)
-        evaluations = denoise.num_steps * EVALUATIONS_PER_STEP[denoise.solver]
-        if needs is not None and needs.denoise and not -evaluations <= needs.denoise_eval < evaluations:
-            raise PolicyError(f"policy {variant.label!r}: attention_step {needs.denoise_eval} out of range for "
-                              f"{evaluations} velocity evaluations ({denoise.num_steps} {denoise.solver} steps)")
-        self._sessions[session_id] = Session(variant, int(seed), policy, denoise)
+    def bind(self, variant: PolicyVariant) -> tuple[CachePolicy, DenoiseSettings]:
+        """The variant's cache policy on this model and its resolved denoising settings, checked against the
+        model once (layers in range, the attention step within the denoising loop)."""
+        if variant.label not in self._bound:
+            denoise = variant.denoise.resolved(self.config.num_steps)
+            policy = make_cache_policy(variant.name, variant.policy, self.layout)
+            needs = policy.needs
+            evaluations = denoise.num_steps * EVALUATIONS_PER_STEP[denoise.solver]
+            if needs.denoise and not -evaluations <= needs.denoise_eval < evaluations:
+                raise PolicyError(f"policy {variant.label!r}: attention_step {needs.denoise_eval} out of range for "
+                                  f"{evaluations} velocity evaluations ({denoise.num_steps} {denoise.solver} steps)")
+            self._bound[variant.label] = policy, denoise
+        return self._bound[variant.label]
 
-    def close(self, session_id: str) -> None:
-        session = self._sessions.pop(session_id, None)
-        if session is None:
-            return
-        if session.policy is not None:
-            session.policy.reset()  # drop the stored K/V, images and maps now
-        if session.simple is not None:
-            session.simple.end_episode(session_id)
-
-    def sessions(self) -> list[str]:
-        return list(self._sessions)
+    def _open_model(self, variant: PolicyVariant, seed: int) -> Session:
+        policy, denoise = self.bind(variant)
+        return Session(variant, seed, policy, policy.new_state(), denoise)
 
     def session_bytes(self, session_id: str) -> int:
         """Memory a session holds (stored K/V, images, maps); 0 for model-free sessions."""
-        session = self._sessions[session_id]
-        return session.policy.nbytes() if session.policy is not None else 0
-
-    def policy(self, session_id: str) -> CachePolicy | None:
-        """The session's cache policy (its state is what the next decisions compare against)."""
-        return self._sessions[session_id].policy
+        session = self.session(session_id)
+        return session.state.nbytes() if isinstance(session, Session) else 0
 
     def describe(self, session_id: str) -> dict[str, Any]:
-        session = self._sessions[session_id]
-        if session.simple is not None:
-            return session.simple.describe()
+        session = self.session(session_id)
+        if not isinstance(session, Session):
+            return session.describe()
         return {"name": session.variant.name, "label": session.variant.label, "model": self.label,
                 **session.variant.param_dict, **dataclasses.asdict(session.denoise)}
 
@@ -190,25 +144,19 @@ class CachedPi05Engine(Engine):
 
     def infer_batch(self, requests: list[Request]) -> list[ActionChunk | BaseException]:
         with torch.inference_mode():
-            return self._infer_batch(requests)
+            return super().infer_batch(requests)
 
-    def _infer_batch(self, requests: list[Request]) -> list[ActionChunk | BaseException]:
+    def _infer_model(self, items: list[tuple[int, Request, Session]], batch_size: int
+                     ) -> list[ActionChunk | BaseException]:
         clock = self._clock
         t_start = clock()
-        results: list[ActionChunk | BaseException | None] = [None] * len(requests)
+        results: list[ActionChunk | BaseException | None] = [None] * len(items)
         rows: list[_Row] = []
-        seen: set[str] = set()
-        for position, request in enumerate(requests):
+        for position, (_, request, session) in enumerate(items):
             try:
-                if request.session_id in seen:  # its frames are sequential: the second waits for the first
-                    raise PolicyError(f"session {request.session_id!r} has two requests in one batch")
-                seen.add(request.session_id)
-                row = self._admit(position, request, results)
+                rows.append(self._admit(position, request, session))
             except Exception as exc:  # one bad request never fails the others
                 results[position] = exc
-                continue
-            if row is not None:
-                rows.append(row)
         try:
             self._compute(rows)
         except Exception as exc:  # a failed model pass fails every request still in flight
@@ -223,28 +171,21 @@ class CachedPi05Engine(Engine):
             self._shadow(rows)
         for row in rows:
             record = self._record(row)
-            # what the batch was (the Ray policy actor sets the same two fields from its own queue)
-            record.extra["batch_size"] = len(requests)
-            record.extra["queue_wait_ms"] = round(max(0.0, t_start - requests[row.position].enqueued_at) * 1e3, 3)
+            record.extra["batch_size"] = batch_size
+            record.extra["queue_wait_ms"] = round(max(0.0, t_start - items[row.position][1].enqueued_at) * 1e3, 3)
             results[row.position] = ActionChunk(row.actions, record)
             row.session.index += 1
         return results  # type: ignore[return-value]
 
-    def _admit(self, position: int, request: Request, results: list) -> _Row | None:
-        """Look up the session, preprocess, decide; model-free sessions are answered right here."""
-        session = self._sessions.get(request.session_id)
-        if session is None:
-            raise PolicyError(f"no open session {request.session_id!r}")
-        if session.simple is not None:
-            results[position] = session.simple.infer(request.observation)
-            return None
+    def _admit(self, position: int, request: Request, session: Session) -> _Row:
+        """Preprocess and decide (no model call)."""
         clock = self._clock
         t0 = clock()
         inputs, states = self.processor.prepare([request.observation], self.device)
         frame = Frame(index=session.index, images=inputs.images[0], image_mask=inputs.image_masks[0],
                       state=states[0].astype(np.float32))
         t1 = clock()
-        decision = session.policy.decide(frame)
+        decision = session.policy.decide(frame, session.state)
         t2 = clock()
         latency = {"preprocess": (t1 - t0) * 1e3, "decide": (t2 - t1) * 1e3, "vision": 0.0, "prefix": 0.0}
         return _Row(position, session, inputs, frame, decision, latency)
@@ -271,7 +212,7 @@ class CachedPi05Engine(Engine):
             if row.decision.kind == "partial":
                 self._prefix_pass([row], _prefix_needs(row.decision.needs))
             elif row.decision.kind == "reuse":
-                row.prefix_kv, row.prefix_mask = row.session.policy.reuse_kv()
+                row.prefix_kv, row.prefix_mask = row.session.state.reuse_kv()
         # denoising for the whole batch, grouped by what the loop computes
         denoise_groups: dict[tuple, list[_Row]] = defaultdict(list)
         for row in rows:
@@ -326,7 +267,7 @@ class CachedPi05Engine(Engine):
         """Hand the frame's outputs to its policy (after every row of the batch succeeded)."""
         outputs = FrameOutputs(prefix_kv=row.prefix_kv, prefix_mask=row.prefix_mask, prefix_entropy=row.entropy,
                                prefix_relevance=row.relevance, denoise_attention=row.denoise_attention)
-        row.session.policy.update(row.frame, row.decision, outputs)
+        row.session.policy.update(row.frame, row.decision, outputs, row.session.state)
 
     def _shadow(self, rows: list[_Row]) -> None:
         """The full path (same noise, same denoising knobs) for every row that did not run it."""

@@ -8,24 +8,7 @@ Two passes per episode, so only kept episodes pay for rendering:
      render only every `every` steps), so the stored observations are exactly the closed loop's: the
      protocol's processing (rotate 180, 224 px), then `fit_image` to the model's size.
 
-On-disk format (documented in README "Demonstrations"):
-  <out>/dataset.json            recording settings (image_size, every, held-out trials, tasks); a resumed
-                                recording must use the same ones
-  <out>/manifest.jsonl          one line per finished episode (kept or not): suite, task_id, trial, split
-                                ("train" | "held_out" by init-state index), success, steps, frames, file,
-                                replay_drift (max abs sim-state difference of the rendering replay: 0;
-                                above MAX_REPLAY_DRIFT the episode is not kept, `dropped` says why)
-  <out>/<suite>/task<NN>/trial<NN>.npz, kept episodes only:
-      actions       float32 [T, 7]     the executed actions after the settle steps (the expert's, plus the
-                                       perturbation when recorded with --noise)
-      labels        float32 [T, 7]     the expert's own action at each step (what training imitates; equal
-                                       to `actions` without --noise)
-      sim_states    float64 [T + 1, D] flattened MuJoCo state before each action (and the final one)
-      frame_steps   int32   [F]        step t of each rendered observation (the state before action t)
-      images        uint8   [F, S, S, 3] agentview, protocol-processed, fitted to S = image_size
-      wrist_images  uint8   [F, S, S, 3] eye-in-hand, same processing
-      states        float32 [F, 8]     the protocol's state vector at those steps
-      prompt        str                the task's language instruction
+The on-disk format is `libero_eval.learning.dataset`'s.
 """
 from __future__ import annotations
 
@@ -42,15 +25,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from tqdm import tqdm
+
+from libero_eval.learning.dataset import DATASET_FILE, MANIFEST_FILE, episode_file, is_kept, read_manifest
+from libero_eval.seeding import episode_seed
+from policies.expert import ExpertPolicy
+from policies.pi05.processing import fit_image
+from tasks import protocol, registry
+from tasks.env import EnvConfig, LiberoEnv, clear_gripper_commands
+from tasks.privileged import privileged_state
 
 logger = logging.getLogger("libero_eval.demos")
 
-DATASET_FILE = "dataset.json"
 # max |sim state difference| between the rendering replay and the expert pass for a kept episode; the replay
 # is deterministic, so anything above float noise means the images and the labels have parted (contacts
 # amplify a 1e-7 action difference into centimetres: seen before actions were cast to float32 first)
 MAX_REPLAY_DRIFT = 1e-6
-MANIFEST_FILE = "manifest.jsonl"
 
 
 class DemoError(ValueError):
@@ -75,8 +65,6 @@ class DemoSettings:
     funnel: float = 0.0  # the expert's funnel approaches (ExpertParams.funnel); 0: gated, as validated
 
     def __post_init__(self) -> None:
-        from tasks import registry
-
         for suite, ids in self.tasks.items():
             for task_id in ids:
                 registry.check_task(suite, task_id)
@@ -105,29 +93,6 @@ class DemoSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def is_kept(row: dict[str, Any]) -> bool:
-    """A manifest row whose episode is in the dataset (the expert succeeded and the replay was exact)."""
-    return bool(row["success"] and row["file"])
-
-
-def episode_file(suite: str, task_id: int, trial: int) -> str:
-    return f"{suite}/task{task_id:02d}/trial{trial:02d}.npz"
-
-
-def read_manifest(out: str | Path) -> list[dict[str, Any]]:
-    path = Path(out) / MANIFEST_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line from an interrupted run: that episode reruns
-                logger.warning("skipping a torn manifest line in %s", path)
-    return rows
 
 
 def _prepare_out(out: Path, settings: DemoSettings) -> None:
@@ -188,10 +153,6 @@ def _expert_pass(env, policy, init_state: np.ndarray, max_steps: int, noise: OUN
                  ) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray]:
     """-> (success, executed actions [T, 7], expert labels [T, 7], sim states [T + 1, D]) from the protocol's
     start; without `noise` the executed actions are the labels."""
-    from tasks import protocol
-    from tasks.env import clear_gripper_commands
-    from tasks.privileged import privileged_state
-
     env.reset()
     clear_gripper_commands(env.env)
     env.set_init_state(init_state)
@@ -223,9 +184,6 @@ def _render_pass(env, seed: int, init_state: np.ndarray, actions: np.ndarray, si
     state differs from the closed loop's by a 2 ms motion (up to ~20 levels on moving edges). Replaying the
     actions is deterministic (the replayed states match the expert pass exactly; returned as `drift`).
     """
-    from policies.pi05.processing import fit_image
-    from tasks import protocol
-
     steps = np.arange(0, len(actions), every, dtype=np.int32)
     wanted = set(int(t) for t in steps)
     env.reset(seed, init_state)
@@ -251,15 +209,10 @@ def _render_pass(env, seed: int, init_state: np.ndarray, actions: np.ndarray, si
 
 def record_chunk(suite: str, task_id: int, trials: list[int], settings: dict[str, Any], out: str) -> list[dict]:
     """Record `trials` of one task; returns their manifest rows (written by the parent, in order)."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    from libero_eval.seeding import episode_seed
-    from policies.expert import ExpertPolicy
-    from tasks import registry
-    from tasks.env import EnvConfig, LiberoEnv
-
     task = registry.get_task(suite, task_id)
     max_steps = settings["max_steps"] or registry.MAX_STEPS[suite]
     with contextlib.redirect_stdout(io.StringIO()):
+        # LIBERO itself (robosuite, MuJoCo; it prints on import) loads in the recording workers only
         from libero.libero.envs.env_wrapper import ControlEnv
 
         cheap = ControlEnv(bddl_file_name=task.bddl_path, has_renderer=False, has_offscreen_renderer=False,
@@ -328,8 +281,6 @@ def plan(settings: DemoSettings, done: set[tuple[str, int, int]], chunk: int) ->
 def record_demos(settings: DemoSettings, out: str | Path, workers: int = 2, chunk: int = 10,
                  progress: bool = True) -> list[dict[str, Any]]:
     """Record every (task, trial) of `settings` not yet in `<out>/manifest.jsonl`; returns all rows."""
-    from tqdm import tqdm
-
     out = Path(out)
     _prepare_out(out, settings)
     rows = read_manifest(out)
@@ -370,102 +321,3 @@ def summarize(rows: list[dict[str, Any]]) -> str:
                      f"{sum(r['frames'] for r in kept):>8}{np.mean([r['steps'] for r in kept] or [0]):>7.0f}"
                      f"{sum(r['expert_s'] for r in sel):>10.1f}{sum(r['render_s'] for r in sel):>10.1f}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------------
-# CLI: libero-eval record-demos
-
-EXAMPLES = """examples:
-  libero-eval record-demos --tasks libero_spatial:0,1 --trials 0-49 --held-out 40-49 --out data/demos
-  libero-eval record-demos --tasks libero_spatial:0-3,libero_object:0 --every 2 --image-size 112
-  libero-eval record-demos --noise 0.5 --trials 0-39 --held-out none --out data/demos_dart   # recoveries
-
-Rerunning with the same --out resumes (finished episodes are skipped; adding tasks or trials extends the
-dataset). Episodes the expert fails are listed in the manifest and not rendered.
-"""
-
-
-def _parse_tasks(text: str) -> dict[str, list[int]]:
-    import argparse
-
-    from libero_eval.cli import _parse_int_list
-
-    tasks: dict[str, list[int]] = {}
-    for part in text.split(";") if ";" in text else _split_suites(text):
-        if ":" not in part:
-            raise argparse.ArgumentTypeError(f"bad task list {part!r}: expected suite:ids, e.g. libero_spatial:0,1")
-        suite, ids = part.split(":", 1)
-        parsed = _parse_int_list(ids, "task")
-        if parsed == "all":
-            from tasks import registry
-
-            parsed = list(range(registry.num_tasks(suite.strip())))
-        tasks[suite.strip()] = list(parsed)
-    return tasks
-
-
-def _split_suites(text: str) -> list[str]:
-    """'libero_spatial:0,1,libero_object:5' -> ['libero_spatial:0,1', 'libero_object:5']."""
-    parts: list[str] = []
-    for item in text.split(","):
-        if ":" in item or not parts:
-            parts.append(item)
-        else:
-            parts[-1] += "," + item
-    return parts
-
-
-def add_parser(sub) -> None:
-    import argparse
-
-    from libero_eval.cli import _parse_int_list, _positive
-
-    p = sub.add_parser("record-demos", help="record scripted-expert demonstrations (actions, states, images)",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default="libero_spatial:0,1", type=_parse_tasks,
-                   help="suite:task ids, several suites comma-separated (default libero_spatial:0,1)")
-    p.add_argument("--trials", default="0-49", type=lambda s: _parse_int_list(s, "trial"),
-                   help="init-state indices to record per task (default 0-49)")
-    p.add_argument("--held-out", default="40-49",
-                   type=lambda s: [] if s.strip().lower() in ("", "none") else _parse_int_list(s, "trial"),
-                   help="init-state indices of the held-out split, never trained on (default 40-49; 'none')")
-    p.add_argument("--image-size", default=112, type=_positive,
-                   help="stored image size: the vision input of the model to train (default 112)")
-    p.add_argument("--every", default=1, type=_positive, help="render an observation every N steps (default 1)")
-    p.add_argument("--max-steps", default=None, type=_positive, help="expert step cap (default: the protocol's)")
-    p.add_argument("--noise", default=0.0, type=float,
-                   help="DART-style perturbation of the executed actions, std in action units (0: clean demos; "
-                        "0.5 gives recoveries the expert still completes ~90%% of the time)")
-    p.add_argument("--noise-tau", default=5.0, type=float, help="correlation time of the perturbation, steps (default 5)")
-    p.add_argument("--noise-seed", default=7, type=int,
-                   help="seed of the perturbation (with each episode's seed); another value records other "
-                        "recoveries from the same init states (default 7)")
-    p.add_argument("--place-tolerance", default=0.01, type=float,
-                   help="the expert's xy gate (metres) before it lowers the object onto the target (default 0.01; "
-                        "a looser gate, e.g. 0.03, is easier for a learned policy to imitate)")
-    p.add_argument("--funnel", default=0.0, type=float,
-                   help="the expert's approaches as funnels: its height above the grasp point / the place height "
-                        "shrinks by FUNNEL metres per metre of xy error instead of waiting at a gate (0: gated, "
-                        "the validated expert; 2 gives labels without 'stay' points a policy can stall at)")
-    p.add_argument("--workers", default=2, type=_positive, help="parallel processes (default 2)")
-    p.add_argument("--out", default="data/demos", help="dataset directory (default data/demos)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args) -> int:
-    trials = list(range(50)) if args.trials == "all" else args.trials
-    held_out = list(range(50)) if args.held_out == "all" else args.held_out
-    try:
-        settings = DemoSettings(tasks=args.tasks, trials=trials, held_out=held_out, image_size=args.image_size,
-                                every=args.every, max_steps=args.max_steps, noise=args.noise,
-                                noise_tau=args.noise_tau, noise_seed=args.noise_seed,
-                                place_tolerance=args.place_tolerance, funnel=args.funnel)
-        t0 = time.perf_counter()
-        rows = record_demos(settings, args.out, workers=args.workers, progress=not args.no_progress)
-    except (DemoError, ValueError) as exc:
-        print(f"error: {exc}")
-        return 2
-    print(summarize(rows))
-    print(f"\n{sum(map(is_kept, rows))}/{len(rows)} episodes kept in {args.out} "
-          f"({time.perf_counter() - t0:.0f} s this run)")
-    return 0

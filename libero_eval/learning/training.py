@@ -34,11 +34,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from libero_eval.learning.dataset import DemoSamples, NoEpisodes, load_datasets
 from policies.pi05.checkpoint import OUR_CONFIG_FILE, WEIGHTS_FILE, save_weights
 from policies.pi05.configuration import Pi05Config
-from policies.pi05.modeling import Pi05Inputs, Pi05Model
+from policies.pi05.modeling import Pi05Model
 from policies.pi05.processing import TINY_TOKENIZER, FeatureNorm, PromptTokenizer, save_openpi_norm_stats
+from policies.pi05.stages import Pi05Inputs
+from policies.serving.policy import Pi05Policy
 
 logger = logging.getLogger("libero_eval.train")
 
@@ -48,11 +52,8 @@ MIN_NORM_RANGE = 1e-2  # quantile ranges narrower than this are widened (a near-
 
 
 class TrainError(ValueError):
-    """Bad training arguments or data (no demos, a resume with another model)."""
-
-
-class NoEpisodes(TrainError):
-    """A dataset has no kept episode in the requested split."""
+    """Bad training arguments (a resume with another model, a bad --init); a bad or empty dataset raises
+    dataset.DatasetError."""
 
 
 @dataclasses.dataclass
@@ -87,85 +88,13 @@ class TrainSettings:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclasses.dataclass
-class DemoSamples:
-    """Every rendered frame of the kept episodes of one split, with its action chunk."""
-
-    images: torch.Tensor  # [N, 2, S, S, 3] uint8 (agentview, wrist)
-    states: np.ndarray  # [N, 8] float32 raw
-    chunks: np.ndarray  # [N, H, 7] float32 raw expert actions from the frame's step on (held still past the end)
-    prompts: list[str]  # per sample
-    all_actions: np.ndarray  # [M, 7] every recorded action (norm stats)
-    episodes: int
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-
-def load_demos(root: str | Path, split: str, horizon: int, image_size: int) -> DemoSamples:
-    from libero_eval.demos import DATASET_FILE, is_kept, read_manifest
-
-    root = Path(root)
-    if not (root / DATASET_FILE).is_file():
-        raise TrainError(f"{root} is not a demo dataset (no {DATASET_FILE}); record one with "
-                         "`libero-eval record-demos --out {root}`")
-    meta = json.loads((root / DATASET_FILE).read_text())
-    if meta["image_size"] != image_size:
-        raise TrainError(f"demos in {root} have {meta['image_size']} px images; the model takes {image_size} px "
-                         f"(record with --image-size {image_size})")
-    rows = [r for r in read_manifest(root) if is_kept(r) and r["split"] == split]
-    images, states, chunks, prompts, actions = [], [], [], [], []
-    for row in rows:
-        with np.load(root / row["file"]) as z:
-            # the expert's own actions are the targets; `actions` (what ran) differ from them in DART demos
-            acts = z["labels"] if "labels" in z.files else z["actions"]
-            steps = z["frame_steps"]
-            hold = np.zeros((horizon, acts.shape[1]), dtype=np.float32)
-            hold[:, -1] = acts[-1, -1]  # past the end: stay, gripper as it was
-            padded = np.concatenate([acts, hold])
-            chunks.append(np.stack([padded[t:t + horizon] for t in steps]))
-            images.append(np.stack([z["images"], z["wrist_images"]], axis=1))
-            states.append(z["states"])
-            prompts += [str(z["prompt"])] * len(steps)
-            actions.append(acts)
-    if not rows:
-        raise NoEpisodes(f"no kept {split!r} episodes in {root}")
-    return DemoSamples(images=torch.from_numpy(np.concatenate(images)), states=np.concatenate(states),
-                       chunks=np.concatenate(chunks).astype(np.float32), prompts=prompts,
-                       all_actions=np.concatenate(actions), episodes=len(rows))
-
-
-def load_datasets(demos: str, split: str, horizon: int, image_size: int) -> DemoSamples:
-    """`load_demos` over one or several comma-separated dataset directories, concatenated."""
-    roots = [d.strip() for d in demos.split(",") if d.strip()]
-    if not roots:
-        raise TrainError("no demo dataset given (--demos DIR[,DIR...])")
-    parts = []
-    for root in roots:
-        try:
-            parts.append(load_demos(root, split, horizon, image_size))
-        except NoEpisodes:
-            if split == "train":
-                raise
-    if not parts:
-        raise NoEpisodes(f"no kept {split!r} episodes in {', '.join(roots)}")
-    if len(parts) == 1:
-        return parts[0]
-    return DemoSamples(images=torch.cat([p.images for p in parts]), states=np.concatenate([p.states for p in parts]),
-                       chunks=np.concatenate([p.chunks for p in parts]), prompts=sum((p.prompts for p in parts), []),
-                       all_actions=np.concatenate([p.all_actions for p in parts]),
-                       episodes=sum(p.episodes for p in parts))
+# Model and data (the demos themselves: libero_eval.learning.dataset)
 
 
 def init_from_checkpoint(model: Pi05Model, directory: str) -> None:
     """Load a checkpoint directory's weights into `model` (same architecture). Norm stats are not taken
     over: they come from the demos being trained on, as always (DART demos widen the rotation dimensions'
     range several-fold; the old stats would put their labels at +-30 and the loss at ~6)."""
-    from policies.pi05.policy import Pi05Policy
-
     try:
         source = Pi05Policy.from_checkpoint(directory, dtype="float32")
     except Exception as exc:
@@ -193,6 +122,7 @@ class Batcher:
     def __init__(self, samples: DemoSamples, config: Pi05Config, tokenizer: PromptTokenizer,
                  state_norm: FeatureNorm, action_norm: FeatureNorm):
         self.samples, self.config = samples, config
+        self.images = torch.from_numpy(samples.images)  # shares the samples' memory
         self.norm_chunks = torch.from_numpy(action_norm.normalize(samples.chunks).astype(np.float32))
         norm_states = state_norm.normalize(samples.states)
         encoded = [tokenizer.encode(p, s, config.discrete_state_input) for p, s in zip(samples.prompts, norm_states)]
@@ -201,7 +131,7 @@ class Batcher:
 
     def __call__(self, index: torch.Tensor, gen: torch.Generator | None, shift_px: int) -> tuple[Pi05Inputs, torch.Tensor]:
         cfg = self.config
-        imgs = self.samples.images[index].permute(0, 1, 4, 2, 3).float() / 255.0 * 2.0 - 1.0  # [B, 2, 3, S, S]
+        imgs = self.images[index].permute(0, 1, 4, 2, 3).float() / 255.0 * 2.0 - 1.0  # [B, 2, 3, S, S]
         if shift_px and gen is not None:
             imgs = random_shift(imgs, shift_px, gen)
         b = len(index)
@@ -300,8 +230,6 @@ def export_checkpoint(model: Pi05Model, config: Pi05Config, norm: dict[str, dict
 
 
 def train(s: TrainSettings, progress: bool = True) -> dict[str, Any]:
-    from tqdm import tqdm
-
     if s.threads:
         torch.set_num_threads(s.threads)
     config = Pi05Config.from_name(s.preset)
@@ -411,12 +339,11 @@ def plot_curve(out: str | Path) -> Path | None:
     rows = read_metrics(out)
     if not rows:
         return None
-    import matplotlib
+    # matplotlib (~1 s to import) only for the curve at the end of a run, not for `libero-eval --help`
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    ax1, ax2 = fig.subplots(1, 2)
     tr = [r for r in rows if "loss" in r]
     va = [r for r in rows if "val_loss" in r]
     ax1.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train")
@@ -432,61 +359,4 @@ def plot_curve(out: str | Path) -> Path | None:
     fig.tight_layout()
     path = Path(out) / "curve.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
-
-
-# --------------------------------------------------------------------------------------------------------
-# CLI: libero-eval train
-
-EXAMPLES = """examples:
-  libero-eval train --demos data/demos --out runs/train_small --steps 3000
-  libero-eval train --demos data/demos --out runs/train_small --steps 5000   # resumes, trains on to 5000
-  libero-eval train --demos data/demos,data/demos_dart --init runs/train_small/checkpoint --out runs/ft --steps 2000
-
-Rerunning with the same --out resumes from train_state.pt (saved every --save-every steps and at the end;
-Ctrl-C loses at most that many steps). The EMA weights are exported to <out>/checkpoint after every save.
-"""
-
-
-def add_parser(sub) -> None:
-    import argparse
-
-    from libero_eval.cli import _positive
-
-    p = sub.add_parser("train", help="train a small Pi0.5 on recorded demos (flow matching, CPU)",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = TrainSettings(demos="", out="")
-    p.add_argument("--demos", default="data/demos",
-                   help="dataset(s) made by `libero-eval record-demos`, comma-separated (default data/demos)")
-    p.add_argument("--init", default=None,
-                   help="fine-tune: start from this checkpoint directory's weights (norm stats come from --demos)")
-    p.add_argument("--out", default="runs/train_small", help="training directory (default runs/train_small)")
-    p.add_argument("--preset", default=d.preset, help=f"Pi05Config preset to train (default {d.preset})")
-    p.add_argument("--steps", default=d.steps, type=_positive, help=f"total optimiser steps (default {d.steps})")
-    p.add_argument("--batch-size", default=d.batch_size, type=_positive, help=f"observations per step (default {d.batch_size})")
-    p.add_argument("--noise-per-obs", default=d.noise_per_obs, type=_positive,
-                   help=f"flow-matching draws per observation, sharing its prefix pass (default {d.noise_per_obs})")
-    p.add_argument("--lr", default=d.lr, type=float, help=f"peak learning rate, cosine to 10%% (default {d.lr})")
-    p.add_argument("--ema", default=d.ema, type=float, help=f"EMA decay of the exported weights (default {d.ema})")
-    p.add_argument("--eval-every", default=d.eval_every, type=_positive, help="held-out evaluation period (steps)")
-    p.add_argument("--save-every", default=d.save_every, type=_positive, help="checkpoint period (steps)")
-    p.add_argument("--seed", default=d.seed, type=int, help="initialisation and sampling seed")
-    p.add_argument("--threads", default=0, type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args) -> int:
-    try:
-        settings = TrainSettings(demos=args.demos, out=args.out, init=args.init, preset=args.preset, steps=args.steps,
-                                 batch_size=args.batch_size, noise_per_obs=args.noise_per_obs, lr=args.lr,
-                                 ema=args.ema, eval_every=args.eval_every, save_every=args.save_every,
-                                 seed=args.seed, threads=args.threads)
-        Pi05Config.from_name(settings.preset)
-        result = train(settings, progress=not args.no_progress)
-    except (TrainError, ValueError) as exc:
-        print(f"error: {exc}")
-        return 2
-    print(json.dumps(result, indent=2))
-    print(f"learning curve: {Path(args.out) / 'curve.png'}")
-    return 0

@@ -1,0 +1,155 @@
+"""Policy variants: a label plus one validated, typed configuration per axis, built once from a config entry.
+
+    variant = PolicyVariant.make("adaptive_w3", "adaptive", {"window": 3, "pixel_mae": 6.5})
+    variant.policy     # AdaptiveConfig(window=3, pixel_mae=6.5): the policy's own typed config
+    variant.denoise    # DenoiseSettings(num_steps=None, ...): Pi0.5 paths only (None for model-free ones)
+
+A variant's raw parameters are split by axis: the denoising knobs go to `DenoiseSettings`, the rest to the
+named policy's config dataclass. A new axis (episode timing, a latency model, noise repeats) is one more
+typed field here and one more entry in `AXES`, not a new path through the code. Validation happens in
+`make` only; engines and actors take the typed objects as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from policies.base import Policy
+from policies.cache import CACHE_POLICY_NAMES, REGISTRY
+from policies.expert import ExpertPolicy
+from policies.expert.expert import ExpertParams
+from policies.pi05.configuration import SCHEDULES, SOLVERS
+from policies.simple import HoldConfig, HoldPolicy
+
+
+class VariantError(ValueError):
+    """A variant that cannot be built: unknown name or parameter, or a bad value (named, with what is valid)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiseSettings:
+    """The denoising knobs of every Pi0.5 path (seed 004): steps (None: the checkpoint's), time grid, solver."""
+
+    num_steps: int | None = None
+    schedule: str = "linear"
+    solver: str = "euler"
+
+    def __post_init__(self) -> None:
+        steps = self.num_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"num_steps must be an integer >= 1, got {steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver {self.solver!r}: expected one of {', '.join(SOLVERS)}")
+
+    @property
+    def key(self) -> tuple[int | None, str, str]:
+        return self.num_steps, self.schedule, self.solver
+
+    def resolved(self, default_steps: int) -> DenoiseSettings:
+        """With the checkpoint's step count filled in where the variant left it unset."""
+        return self if self.num_steps is not None else dataclasses.replace(self, num_steps=default_steps)
+
+
+# Policies without a model: name -> (Policy class, its config dataclass). Pi0.5 cache policies: policies.cache.
+MODEL_FREE: dict[str, tuple[type[Policy], type]] = {"hold": (HoldPolicy, HoldConfig), "expert": (ExpertPolicy, ExpertParams)}
+POLICY_NAMES = (*MODEL_FREE, *CACHE_POLICY_NAMES)
+# Per-variant axes besides the policy's own parameters: axis -> config class. Pi0.5 paths only.
+AXES: dict[str, type] = {"denoise": DenoiseSettings}
+
+
+def config_class(name: str) -> type:
+    if name in MODEL_FREE:
+        return MODEL_FREE[name][1]
+    if name in REGISTRY:
+        return REGISTRY[name][0]
+    raise VariantError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
+
+
+def parameter_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """{field: (type, nullable)} of a config dataclass (nullable: `null` selects the documented default)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for field in dataclasses.fields(cls):
+        args = typing.get_args(hints[field.name])  # (float, NoneType) for `float | None`, () for a plain type
+        base = next(t for t in args if t is not type(None)) if args else hints[field.name]
+        out[field.name] = (base, type(None) in args)
+    return out
+
+
+def _type_ok(value: Any, expected: type) -> bool:
+    if isinstance(value, bool):
+        return expected is bool
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
+
+
+def _build(cls: type, params: dict[str, Any], name: str) -> Any:
+    types = parameter_types(cls)
+    for key, value in params.items():
+        expected, nullable = types[key]
+        if not (value is None and nullable) and not _type_ok(value, expected):
+            raise VariantError(f"policy {name!r} parameter {key!r}: expected {expected.__name__}, got {value!r}")
+    coerced = {k: float(v) if types[k][0] is float and isinstance(v, int) else v for k, v in params.items()}
+    return cls(**coerced)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyVariant:
+    """A labelled policy configuration. `params`: the raw parameters as given (labels, results, W&B)."""
+
+    label: str
+    name: str
+    params: tuple[tuple[str, Any], ...]  # sorted (key, value) pairs
+    policy: Any  # the policy's config dataclass (policies.cache.*Config, HoldConfig, ExpertParams)
+    denoise: DenoiseSettings | None = None  # Pi0.5 paths only
+
+    @property
+    def param_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def model_free(self) -> bool:
+        return self.name in MODEL_FREE
+
+    @property
+    def policy_class(self) -> type:
+        """The class that declares what a rollout worker must build per query (`needs_images`, ...)."""
+        return MODEL_FREE[self.name][0] if self.model_free else REGISTRY[self.name][1]
+
+    @property
+    def needs_images(self) -> bool:
+        return self.policy_class.needs_images
+
+    @property
+    def needs_privileged(self) -> bool:
+        return self.policy_class.needs_privileged
+
+    def describe(self) -> dict[str, Any]:
+        return {"label": self.label, "name": self.name, **self.param_dict}
+
+    @classmethod
+    def make(cls, label: str, name: str, params: dict[str, Any] | None = None) -> PolicyVariant:
+        """Validate `params` for policy `name` and split them by axis; errors name the key and the value."""
+        params = dict(params or {})
+        policy_cls = config_class(name)
+        axis_fields = {} if name in MODEL_FREE else {f.name: axis for axis, c in AXES.items()
+                                                     for f in dataclasses.fields(c)}
+        valid = set(parameter_types(policy_cls)) | set(axis_fields)
+        for key in params:
+            if key not in valid:
+                raise VariantError(f"policy {name!r} has no parameter {key!r}; valid parameters: "
+                                   f"{', '.join(sorted(valid)) or 'none'}")
+        try:
+            by_axis = {axis: _build(AXES[axis], {k: v for k, v in params.items() if axis_fields.get(k) == axis}, name)
+                       for axis in set(axis_fields.values())}
+            policy = _build(policy_cls, {k: v for k, v in params.items() if k not in axis_fields}, name)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, VariantError):
+                raise
+            raise VariantError(f"policy {label!r}: {exc}") from None
+        return cls(label=label, name=name, params=tuple(sorted(params.items())), policy=policy,
+                   denoise=by_axis.get("denoise"))
