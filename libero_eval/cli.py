@@ -132,6 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     policy = make_model_free(PolicyVariant.make(label, args.policy))
 
     specs = [EpisodeSpec(args.suite, t, k, label, max_steps) for t in task_ids for k in trials]
+    store.prune_videos()  # of episodes killed in an earlier run
     done_keys = store.finished_keys()
     todo = [s for s in specs if s.key not in done_keys]
     if len(todo) < len(specs):
@@ -163,6 +164,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             env.close()
     bar.close()
 
+    store.prune_videos()
     results = [r for r in store.load() if r.key in {s.key for s in specs}]
     print()
     print(summary_table(results))

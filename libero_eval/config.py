@@ -90,19 +90,21 @@ class SweepConfig:
 
 
 def _freeze(value: Any) -> Any:
-    """A hashable copy of a YAML value (a cache key for `_variants`)."""
+    """A hashable copy of a YAML value that keeps its types (1, 1.0 and True are equal keys otherwise): the
+    cache key of `_variants`."""
     if isinstance(value, dict):
-        return tuple((k, _freeze(v)) for k, v in value.items())
+        return ("dict", tuple((k, _freeze(v)) for k, v in value.items()))
     if isinstance(value, list):
-        return ("__list__", tuple(_freeze(v) for v in value))
-    return value
+        return ("list", tuple(_freeze(v) for v in value))
+    return (type(value).__name__, value)
 
 
-def _thaw(value: Any) -> Any:
-    if isinstance(value, tuple) and value[:1] == ("__list__",):
-        return [_thaw(v) for v in value[1]]
-    if isinstance(value, tuple):
+def _thaw(frozen: Any) -> Any:
+    kind, value = frozen
+    if kind == "dict":
         return {k: _thaw(v) for k, v in value}
+    if kind == "list":
+        return [_thaw(v) for v in value]
     return value
 
 

@@ -35,18 +35,25 @@ PARTIAL_VIDEO = ".partial.mp4"  # a video being written; renamed to <stem>.mp4 w
 
 def video_paths(run_dir: str | Path, spec: EpisodeSpec) -> tuple[Path, Path]:
     """(final, partial) paths of an episode's video. One name per episode: an attempt that is retried (an
-    infrastructure error) leaves no video, a killed one only its partial file, which the next attempt or the
-    sweep's cleanup (`remove_partial_videos`) replaces or removes."""
+    infrastructure error) leaves no video, a killed one only its partial file, which the next attempt
+    replaces or `ResultStore.prune_videos` removes."""
     final = Path(run_dir) / "videos" / f"{spec.file_stem}.mp4"
     return final, final.with_name(spec.file_stem + PARTIAL_VIDEO)
 
 
-def remove_partial_videos(run_dir: str | Path) -> int:
-    """Delete the partial videos of attempts that never finished (killed workers); returns how many."""
-    partials = list((Path(run_dir) / "videos").glob(f"*{PARTIAL_VIDEO}"))
-    for path in partials:
-        path.unlink(missing_ok=True)
-    return len(partials)
+def finish_video(writer: VideoWriter, partial: Path, final: Path, keep: bool) -> bool:
+    """Close the writer, then rename the partial video to its final name (keep) or delete it. False when
+    no video results (not kept, or no frame was ever written: imageio then creates no file)."""
+    try:
+        writer.close()
+        if keep and partial.exists():
+            os.replace(partial, final)
+            return True
+        partial.unlink(missing_ok=True)
+    except OSError as exc:  # the episode's result still counts; a missing video is logged
+        logging.getLogger("libero_eval").warning("video %s not finished: %s", final, exc)
+    return False
+
 
 
 @dataclasses.dataclass
@@ -152,6 +159,8 @@ def run_episode(
         return needs_images or (video_on and settings.video == "query" and step % settings.replan_steps == 0)
 
     counters_before = dataclasses.replace(env.counters, render_steps=[])
+    outcome = False  # True once the episode has a result; an interrupt (KeyboardInterrupt, ...) leaves it False
+    final_video = partial_video = None
     try:
         try:
             policy.reset(spec.key, spec.seed)
@@ -211,19 +220,20 @@ def run_episode(
             if done:
                 status, reason = "success", "done"
                 break
+        outcome = True
     except _EpisodeError as exc:
         status, reason = "error", exc.reason
         error = _describe(exc.exc) + "\n" + "".join(traceback.format_exception(exc.exc)[-3:])
+        outcome = True
     except Exception as exc:  # a bug of ours: still one stored result, never a silent loss
         status, reason = "error", "internal_error"
         error = _describe(exc) + "\n" + traceback.format_exc()
+        outcome = True
     finally:
         if writer is not None:
-            writer.close()
-            if status == "error" and reason in INFRA_REASONS:  # retried or re-run: this attempt leaves nothing
-                partial_video.unlink(missing_ok=True)
-            else:
-                os.replace(partial_video, final_video)
+            # an infrastructure error is retried or re-run, an interrupted episode has no result: no video
+            keep = outcome and not (status == "error" and reason in INFRA_REASONS)
+            if finish_video(writer, partial_video, final_video, keep):
                 video_rel = str(final_video.relative_to(run_dir))
         if recorded and run_dir is not None:
             try:

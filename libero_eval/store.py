@@ -29,7 +29,7 @@ TORN_FILE = "results.torn"
 
 # Reasons of an `error` result that blame the infrastructure, not the policy or the task: the sweep retries
 # these (its retryable set), and a stored one is superseded by a later result for the same key.
-INFRA_REASONS = frozenset({"env_error", "render_error", "policy_unavailable", "worker_died", "session_lost"})
+INFRA_REASONS = frozenset({"env_error", "render_error", "policy_unavailable", "worker_died"})
 
 
 def is_infra_error(result: EpisodeResult) -> bool:
@@ -86,6 +86,18 @@ class ResultStore:
     def finished_keys(self) -> set[str]:
         """Keys with a final result; an infrastructure error is not one, so a resume reruns that episode."""
         return {r.key for r in self.load() if not is_infra_error(r)}
+
+    def prune_videos(self) -> list[str]:
+        """Delete the files in videos/ that no stored result names: partial videos of attempts that were
+        killed or interrupted, and of episodes whose result was never stored. One video per stored result,
+        nothing else. Call it when no episode of this run directory is running."""
+        if not self.videos_dir.is_dir():
+            return []
+        referenced = {Path(r.video).name for r in self.load() if r.video}
+        stray = sorted(p for p in self.videos_dir.iterdir() if p.is_file() and p.name not in referenced)
+        for path in stray:
+            path.unlink(missing_ok=True)
+        return [p.name for p in stray]
 
     def _repair_tail(self) -> None:
         """Move a torn last line to results.torn (nothing is deleted) and cut results.jsonl after the last

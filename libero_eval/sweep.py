@@ -24,7 +24,6 @@ import yaml
 from tqdm import tqdm
 
 from libero_eval.config import ConfigError, SweepConfig, diff_configs
-from libero_eval.episode import remove_partial_videos
 from libero_eval.ray_actors import PolicyActor, RolloutWorker
 from libero_eval.specs import EpisodeResult, EpisodeSpec
 from libero_eval.store import INFRA_REASONS, ResultStore
@@ -155,9 +154,10 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
     if len(todo) < len(specs):
         again = len({r.key for r in store.load()} & {s.key for s in todo})
         print(f"resuming {run_dir}: {len(specs) - len(todo)} of {len(specs)} episodes already stored"
-              + (f"; {again} stored infrastructure error(s) run again" if again else ""))
+              + (f"; {again} stored infrastructure error(s) run again" if again else "")
+              + f" (to start over: delete {run_dir} or pass another --out)")
     outcome = SweepOutcome(run_dir, [], len(specs), 0, 0, 0.0, {})
-    remove_partial_videos(run_dir)  # of attempts killed in an earlier, interrupted run
+    store.prune_videos()  # videos of attempts killed in an earlier, interrupted run
     if todo:
         init_ray(config)
         variants = config.variants()
@@ -211,9 +211,10 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
             if on_result is not None:
                 on_result(result)
 
-        if on_start is not None:
-            on_start(workers, policy_actor)
         try:
+            _wait_started(policy_actor)
+            if on_start is not None:
+                on_start(workers, policy_actor)
             for i in range(n_workers):
                 submit(i)
             while pending:
@@ -248,7 +249,8 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
             except Exception as exc:
                 log.debug("policy actor shutdown: %s", exc)
             ray.kill(policy_actor, no_restart=True)
-            remove_partial_videos(run_dir)  # attempts that never finished (a killed worker's, an interrupt's)
+            _wait_dead(workers)  # no worker may still rename a video after the pruning
+            store.prune_videos()  # of attempts that never finished (a killed worker's, an interrupt's)
     keys = {s.key for s in specs}
     outcome.results = [res for res in store.load() if res.key in keys]
     outcome.wall_s = time.perf_counter() - t0
@@ -257,6 +259,32 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
 
 def _gpu_available() -> bool:
     return torch.cuda.is_available()
+
+
+def _wait_started(policy_actor, timeout_s: float = 900.0) -> None:
+    """The policy actor loads the model and binds every variant to it before the first episode: a variant
+    that does not fit the model (layers out of range, ...) or a checkpoint that does not load is a
+    configuration error, said once, not an infrastructure failure of every episode."""
+    try:
+        ray.get(policy_actor.pid.remote(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ConfigError(f"the policy actor did not start within {timeout_s:.0f} s (loading the model?)") from None
+    except ray.exceptions.RayActorError as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        cause = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else repr(exc))
+        raise ConfigError(f"the policy actor could not start: {cause.strip()}") from None
+
+
+def _wait_dead(actors: list, timeout_s: float = 30.0) -> None:
+    """ray.kill is asynchronous: wait until each actor's calls fail (its process is gone)."""
+    deadline = time.perf_counter() + timeout_s
+    for actor in actors:
+        while time.perf_counter() < deadline:
+            try:
+                ray.get(actor.pid.remote(), timeout=5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.1)
 
 
 def _wait_alive(worker, timeout_s: float = 120.0) -> None:

@@ -82,3 +82,24 @@ def test_submit_before_start_and_bad_knobs_are_errors():
         Batcher(list, max_batch=0, batch_wait_ms=1)
     with pytest.raises(RuntimeError, match="before start"):
         run(Batcher(list, max_batch=1, batch_wait_ms=1).submit(1))
+
+
+def test_stop_fails_every_request_it_did_not_answer():
+    release = threading.Event()
+
+    def handle(items):
+        release.wait(5)
+        return list(items)
+
+    async def scenario():
+        batcher = Batcher(handle, max_batch=1, batch_wait_ms=0)
+        batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
+        while batcher.in_flight == 0:  # the first request is being computed, two wait in the queue
+            await asyncio.sleep(0.001)
+        await batcher.stop()
+        release.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    out = run(scenario())
+    assert all(isinstance(o, RuntimeError) and "stopped" in str(o) for o in out), out

@@ -176,6 +176,8 @@ def test_make_engine_serves_pi05_variants_and_hold_together():
     a, b = eng.infer_batch([Request("a", observation(0)), Request("b", observation(0))])
     assert a.actions.shape == (10, 7) and a.record.decision == "full"
     assert b.record.decision == "fixed" and (b.actions[:, -1] == -1).all()
+    assert a.record.extra["batch_size"] == b.record.extra["batch_size"] == 2  # model-free records say it too
+    assert b.record.extra["queue_wait_ms"] >= 0
     model_free = make_engine(ModelConfig(), [variant("hold")])
     assert type(model_free) is Engine  # no model is loaded for model-free variants
     with pytest.raises(PolicyError, match="needs a model"):

@@ -65,11 +65,14 @@ def test_simulator_exception_is_a_failure_not_an_error(spatial_env, monkeypatch)
     assert result.error.startswith("RuntimeError: MuJoCo Warning: Nan")
 
 
-def test_policy_crash_is_an_error_not_a_failure(spatial_env):
+def test_policy_crash_is_an_error_not_a_failure(spatial_env, tmp_path):
+    """Also with a video on: the crash comes before the first frame, so no video exists and none is named."""
     result = run_episode(EpisodeSpec("libero_spatial", 0, 3, "crashing", 20), spatial_env, CrashingPolicy(),
-                         EpisodeConfig(video="none"))
+                         EpisodeConfig(video="query"), run_dir=tmp_path)
     assert result.status == "error" and result.reason == "policy_error" and not result.success
     assert result.error.startswith("RuntimeError: deliberate policy crash")
+    assert (result.video, result.video_frames) == (None, 0)
+    assert not list((tmp_path / "videos").iterdir())
 
 
 def test_every_step_video_has_one_frame_per_step(spatial_env, tmp_path):

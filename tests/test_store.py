@@ -107,12 +107,12 @@ def test_a_clean_file_is_left_alone(tmp_path):
 
 
 def test_a_later_result_supersedes_an_infrastructure_error(tmp_path):
-    assert {"env_error", "render_error", "policy_unavailable", "worker_died", "session_lost"} == INFRA_REASONS
+    assert {"env_error", "render_error", "policy_unavailable", "worker_died"} == INFRA_REASONS
     store = ResultStore(tmp_path)
     store.append(_result(0, "error", reason="worker_died"))
     store.append(_result(1))
     assert store.finished_keys() == {_key(1)}  # a resume reruns trial 0
-    store.append(_result(0, "error", reason="session_lost"))  # the rerun failed the same way again
+    store.append(_result(0, "error", reason="policy_unavailable"))  # the rerun failed the same way again
     assert store.finished_keys() == {_key(1)}
     store.append(_result(0, "success"))
     with warnings.catch_warnings():

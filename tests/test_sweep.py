@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from libero_eval.cli import main as cli_main
-from libero_eval.config import load_config
+from libero_eval.config import ConfigError, load_config
 from libero_eval.sweep import plan_episodes, run_sweep
 from tests.helpers import read_results
 
@@ -95,3 +95,13 @@ def test_two_worker_smoke_sweep_completes_with_paired_records(tmp_path):
     assert [r["policy"] for r in rows] == sorted((v.label for v in variants), key=lambda l: (l != "none", l))
     assert rows[0]["policy"] == "none" and rows[0]["reuse_rate"] == 0.0
     assert all(r["pairs"] == 4 and r["mcnemar_p"] == 1.0 for r in rows[1:])
+
+
+def test_a_variant_that_does_not_fit_the_model_is_a_config_error_before_any_episode(tmp_path):
+    """Layers out of range are known only once the model is loaded: the policy actor binds every variant at
+    start, and the sweep stops there with the reason, instead of failing (and retrying) every episode."""
+    config = load_config(CONFIGS / "smoke.yaml", ["trials=[40]", "max_steps=5", "wandb.enabled=false",
+                                                  "policies=[{name: vla_cache, pruning_layers: '1,99'}]"])
+    with pytest.raises(ConfigError, match=r"policy actor could not start: .*pruning_layers \[99\] out of range"):
+        run_sweep(config, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad" / "results.jsonl").exists()

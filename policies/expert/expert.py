@@ -44,7 +44,7 @@ class ExpertError(PolicyError):
     """The expert cannot act on this observation (no privileged state, or a goal it does not handle)."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ExpertParams:
     gain: float = 15.0  # position action per metre of error
     vmax: float = 1.0  # action clip while moving freely

@@ -26,6 +26,7 @@ class Batcher:
         self.handle, self.max_batch, self.wait_s, self.executor = handle, max_batch, batch_wait_ms / 1e3, executor
         self.sizes: Counter[int] = Counter()  # batch size -> batches served (bounded: at most max_batch keys)
         self.in_flight = 0  # requests inside the handler right now (0 between batches)
+        self._current: list = []  # the batch being collected or computed
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
 
@@ -34,10 +35,19 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """Cancel the loop; every request still queued or in the batch being computed fails (no future is
+        left pending)."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+        waiting = list(self._current)
+        while not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        for _, future, _ in waiting:
+            if not future.done():
+                future.set_exception(RuntimeError("the batcher stopped before this request was answered"))
 
     async def submit(self, item: Any) -> Any:
         if self._task is None:
@@ -48,7 +58,7 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
-            batch = [await self._queue.get()]
+            self._current = batch = [await self._queue.get()]
             deadline = time.perf_counter() + self.wait_s
             while len(batch) < self.max_batch and (remaining := deadline - time.perf_counter()) > 0:
                 try:

@@ -27,6 +27,11 @@ class Request:
     enqueued_at: float = dataclasses.field(default_factory=time.perf_counter)
 
 
+def batch_info(batch_size: int, started: float, request: Request) -> dict[str, float]:
+    """What every record says about the batch it was served in: its size and this request's queue wait."""
+    return {"batch_size": batch_size, "queue_wait_ms": round(max(0.0, started - request.enqueued_at) * 1e3, 3)}
+
+
 def make_model_free(variant: PolicyVariant) -> Policy:
     """The session policy of a model-free variant, built from its typed config."""
     policy_cls = MODEL_FREE[variant.name][0]
@@ -81,6 +86,7 @@ class Engine:
     def infer_batch(self, requests: list[Request]) -> list[ActionChunk | BaseException]:
         """Model-free requests are answered one by one, model requests together; a bad request (unknown
         session, two requests of one session, a failing policy) fails alone."""
+        started = time.perf_counter()
         results: list[ActionChunk | BaseException | None] = [None] * len(requests)
         model_requests: list[tuple[int, Request, Any]] = []
         seen: set[str] = set()
@@ -91,19 +97,20 @@ class Engine:
                 seen.add(request.session_id)
                 session = self.session(request.session_id)
                 if isinstance(session, Policy):
-                    results[position] = session.infer(request.observation)
+                    results[position] = chunk = session.infer(request.observation)
+                    chunk.record.extra.update(batch_info(len(requests), started, request))
                 else:
                     model_requests.append((position, request, session))
             except Exception as exc:  # one bad request never fails the others
                 results[position] = exc
         if model_requests:
-            answers = self._infer_model(model_requests, len(requests))
+            answers = self._infer_model(model_requests, len(requests), started)
             for (position, _, _), answer in zip(model_requests, answers, strict=True):
                 results[position] = answer
         return results  # type: ignore[return-value]
 
-    def _infer_model(self, items: list[tuple[int, Request, Any]], batch_size: int
+    def _infer_model(self, items: list[tuple[int, Request, Any]], batch_size: int, started: float
                      ) -> list[ActionChunk | BaseException]:
-        """Answers for the model sessions' requests of a batch of `batch_size` (items: position, request,
-        session), in order."""
+        """Answers for the model sessions' requests of a batch of `batch_size` that began being served at
+        `started` (perf_counter); items: (position, request, session), in order."""
         raise NotImplementedError

@@ -19,8 +19,8 @@ A request's actions do not depend on the batch it rode in: on CPU they are bit-i
 (max |difference| measured 0.0, tests/test_engine_batching.py; the model computes the flow-time condition
 once per batch so no [B, W] matmul changes kernel with B). GPU kernels may round differently by batch
 shape: run that test where a GPU is lent. `total` is the wall time of the batch call that served the
-request; the records also carry `batch_size` and `queue_wait_ms` (the Ray actor overwrites both with its
-own queue's view).
+request; the records also carry `batch_size` and `queue_wait_ms` (from the request's enqueue time, set by
+whoever queued it, e.g. the policy actor's batcher, to the start of the batch).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from policies.pi05.modeling import Pi05Model
 from policies.pi05.processing import Pi05Processor
 from policies.pi05.sampling import EVALUATIONS_PER_STEP
 from policies.pi05.stages import Pi05Inputs, Prefix, PrefixKV
-from policies.serving.engine import Engine, Request
+from policies.serving.engine import Engine, Request, batch_info
 from policies.serving.noise import sample_noise
 from policies.serving.variants import DenoiseSettings, PolicyVariant
 
@@ -146,7 +146,7 @@ class Pi05Engine(Engine):
         with torch.inference_mode():
             return super().infer_batch(requests)
 
-    def _infer_model(self, items: list[tuple[int, Request, Session]], batch_size: int
+    def _infer_model(self, items: list[tuple[int, Request, Session]], batch_size: int, started: float
                      ) -> list[ActionChunk | BaseException]:
         clock = self._clock
         t_start = clock()
@@ -171,8 +171,7 @@ class Pi05Engine(Engine):
             self._shadow(rows)
         for row in rows:
             record = self._record(row)
-            record.extra["batch_size"] = batch_size
-            record.extra["queue_wait_ms"] = round(max(0.0, t_start - items[row.position][1].enqueued_at) * 1e3, 3)
+            record.extra.update(batch_info(batch_size, started, items[row.position][1]))
             results[row.position] = ActionChunk(row.actions, record)
             row.session.index += 1
         return results  # type: ignore[return-value]
