@@ -19,7 +19,7 @@ from tasks.env import LiberoEnv
 
 
 def test_env_free():
-    assert True
+    assert LiberoEnv.__name__ == "LiberoEnv"  # naming the class is fine; creating one is not
 
 
 def test_creates_env():
