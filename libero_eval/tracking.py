@@ -168,8 +168,9 @@ def wants_video(result: EpisodeResult, cap: tuple[str, int | None], trials: list
 
 
 def frame_rows(result: EpisodeResult) -> list[dict[str, Any]]:
-    """One row per inference of the episode: decision, reason, every signal, latency per stage, thresholds
-    and numeric extras, keyed by column name (signals unprefixed, so `reason == "x" and shadow_cos < 0.9`
+    """One row per inference of the episode: decision, reason, every signal, latency per stage, thresholds,
+    what the frame computed (`compute`: vision images, prefix token-layers, velocity evaluations) and numeric
+    extras, keyed by column name (signals unprefixed, so `reason == "x" and shadow_cos < 0.9`
     reads as written)."""
     rows = []
     for rec in result.records:
@@ -184,6 +185,8 @@ def frame_rows(result: EpisodeResult) -> list[dict[str, Any]]:
         extra = rec.get("extra") or {}
         for name, value in (extra.get("thresholds") or {}).items():
             row[f"threshold_{name}"] = value
+        for name, value in (extra.get("compute") or {}).items():  # what the frame ran (vision, prefix, loop)
+            row[name] = value
         for name, value in extra.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 row[name] = value

@@ -62,6 +62,7 @@ def test_batch_of_many_sessions_is_bit_identical_to_one_by_one(model, batched):
             assert (together.record.decision, together.record.reason) == (alone[t].record.decision,
                                                                         alone[t].record.reason)
             assert together.record.signals.keys() == alone[t].record.signals.keys()
+            assert together.record.extra["compute"] == alone[t].record.extra["compute"]  # its own work only
             max_diff = max(max_diff, float(np.abs(together.actions - alone[t].actions).max()))
     assert max_diff == 0.0  # bit-identical (the measured max difference, stated in the engine docstring)
 
@@ -85,10 +86,20 @@ def test_records_carry_stage_latencies_signals_and_json_extras(batched):
         json.dumps(r.to_dict())
     reuse = batched[1][1].record
     assert (reuse.latency_ms["vision"], reuse.latency_ms["prefix"], reuse.signals["prefix_skipped"]) == (0, 0, 1.0)
+    tp = 3 * 784  # token-layers of a full prefix pass: 3 layers x 784 tokens
+    assert reuse.extra["compute"] == {"vision_images": 0, "prefix_token_layers": 0, "prefix_token_layers_full": tp,
+                                      "velocity_evals": 10}
+    full = batched[1][0].record
+    assert full.extra["compute"] == {"vision_images": 3, "prefix_token_layers": tp, "prefix_token_layers_full": tp,
+                                     "velocity_evals": 10}
+    heun = batched[1][4].record  # 4 heun steps: 2 velocity evaluations each
+    assert heun.extra["compute"]["velocity_evals"] == 8
     drift = batched[1][2].record
     assert drift.extra["thresholds"] == {"state_drift": 0.23, "weighted_drift": 0.02}
     partial = batched[1][3].record
     assert len(partial.extra["per_layer_reuse"]) == 3 and 0 < partial.signals["prefix_skipped"] < 1
+    assert partial.extra["compute"]["prefix_token_layers"] == sum(partial.extra["tokens_per_layer"])
+    assert partial.extra["compute"]["vision_images"] == 3
 
 
 def test_shadow_mode_only_observes(model, batched):

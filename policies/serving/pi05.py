@@ -303,22 +303,30 @@ class Pi05Engine(Engine):
 
     def _record(self, row: _Row) -> InferenceRecord:
         d = row.decision
+        compute = self._frame_compute(d, row.session.denoise)
         signals = {k: float(v) for k, v in d.signals.items()}
-        signals["prefix_skipped"] = self._prefix_skipped(d)
+        signals["prefix_skipped"] = 1.0 - compute["prefix_token_layers"] / compute["prefix_token_layers_full"]
         signals.update(row.shadow)
-        extra = {**d.extra, "thresholds": dict(d.thresholds), "prompt_tokens": int(row.inputs.token_masks.sum())}
+        extra = {**d.extra, "thresholds": dict(d.thresholds), "prompt_tokens": int(row.inputs.token_masks.sum()),
+                 "compute": compute}
         latency = {k: round(v, 4) for k, v in row.latency.items()}
         return InferenceRecord(index=row.session.index, decision=d.kind, reason=d.reason, signals=signals,
                                latency_ms=latency, extra=extra)
 
-    def _prefix_skipped(self, decision: Decision) -> float:
-        """Fraction of the prefix pass's token-layers not computed: 0 full, 1 reuse, dropped share partial."""
+    def _frame_compute(self, decision: Decision, denoise: DenoiseSettings) -> dict[str, int]:
+        """What this frame itself ran, whatever it shared a batch with (shadow work not counted): camera
+        images through the vision tower (every slot, the padded one too, as openpi does), prefix token-layers
+        computed out of a full pass's (reuse 0, partial the plan's), and velocity evaluations of the loop."""
+        full = self.layout.depth * self.layout.num_tokens
         if decision.kind == "full":
-            return 0.0
-        if decision.kind == "reuse":
-            return 1.0
-        per_layer = decision.plan.tokens_per_layer(self.layout.num_tokens)
-        return 1.0 - sum(per_layer) / (self.layout.depth * self.layout.num_tokens)
+            token_layers = full
+        elif decision.kind == "reuse":
+            token_layers = 0
+        else:
+            token_layers = sum(decision.plan.tokens_per_layer(self.layout.num_tokens))
+        return {"vision_images": 0 if decision.kind == "reuse" else self.layout.num_cameras,
+                "prefix_token_layers": token_layers, "prefix_token_layers_full": full,
+                "velocity_evals": denoise.num_steps * EVALUATIONS_PER_STEP[denoise.solver]}
 
     # ---- helpers
 
