@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 import uuid
 from collections import defaultdict
@@ -207,7 +208,7 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
             counts[spec.policy_label][0] += result.success
             counts[spec.policy_label][1] += result.status != "error"
             bar.update(1)
-            bar.set_postfix_str(" | ".join(f"{k} {s}/{n}" for k, (s, n) in sorted(counts.items())))
+            bar.set_postfix_str(_progress_text(counts), refresh=True)
             if on_result is not None:
                 on_result(result)
 
@@ -259,6 +260,18 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
 
 def _gpu_available() -> bool:
     return torch.cuda.is_available()
+
+
+def _progress_text(counts: dict[str, list[int]], width: int | None = None) -> str:
+    """Successes so far per variant, shortened to fit the terminal beside tqdm's own ~45 columns."""
+    width = width or shutil.get_terminal_size((80, 24)).columns
+    room = max(12, width - 48)
+    text = " | ".join(f"{k} {s}/{n}" for k, (s, n) in sorted(counts.items()))
+    if len(text) <= room:
+        return text
+    total_s, total_n = sum(s for s, _ in counts.values()), sum(n for _, n in counts.values())
+    text = f"{total_s}/{total_n} ok; " + " ".join(f"{s}/{n}" for _, (s, n) in sorted(counts.items()))
+    return text if len(text) <= room else text[: room - 3] + "..."
 
 
 def _wait_started(policy_actor, timeout_s: float = 900.0) -> None:

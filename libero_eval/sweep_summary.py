@@ -81,8 +81,14 @@ SWEEP_HEADERS = ["policy", "suite", "success (95% CI)", "vs {baseline}", "reuse"
 
 
 def format_table(rows: list[dict[str, Any]], baseline: str | None) -> str:
+    """The final table, with a legend for the paired column when there is a baseline."""
     headers = [h.format(baseline=baseline or "-") for h in SWEEP_HEADERS]
-    return tables.format_table(headers, [_table_row(r, baseline) for r in rows], align="<<<<>>>><")
+    table = tables.format_table(headers, [_table_row(r, baseline) for r in rows], align="<<<<>>>><")
+    if baseline is None or not any("pairs" in r for r in rows):
+        return table
+    return (f"{table}\nvs {baseline}: -b/+c = paired episodes (same task, init state, seed) where only {baseline} "
+            f"succeeded / only the variant did;\n  p = exact McNemar test on those pairs (small p: the variants "
+            "really differ). Success: k/n, rate, 95% Wilson interval.")
 
 
 def _table_row(r: dict[str, Any], baseline: str | None) -> list[str]:

@@ -95,6 +95,17 @@ def test_sweep_table_keeps_its_columns_and_numbers():
                                 "1.00x", "-", "every_frame", "20,", "first_frame", "6"]
     assert lines[3].split() == ["fixed_window", "libero_spatial", "2/5", "40%", "[12-77]", "-1/+0", "p=1.00", "40%",
                                 "38.9", "1.31x", "0.988", "first_frame", "5,", "window", "3", "[1", "errors]"]
+    assert lines[4].startswith("vs none: -b/+c = paired episodes") and "McNemar" in lines[5]  # the legend
+    assert "-b/+c" not in sweep_table([base], "none")  # no pairs, no legend
+
+
+def test_progress_text_fits_an_80_column_terminal():
+    from libero_eval.sweep import _progress_text
+
+    counts = {"adaptive_pixel_mae6.5_window3": [1, 2], "fixed_window_window2": [0, 2], "none": [2, 2]}
+    assert _progress_text(counts, 200) == "adaptive_pixel_mae6.5_window3 1/2 | fixed_window_window2 0/2 | none 2/2"
+    short = _progress_text(counts, 80)
+    assert short == "3/6 ok; 1/2 0/2 2/2" and len(short) <= 80 - 48
 
 
 def parse(argv):
