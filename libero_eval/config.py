@@ -16,7 +16,6 @@ Overrides: `trials=3`, `ray.num_workers=1`, `suites={libero_object: [0]}` (value
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import types
 import typing
@@ -82,35 +81,11 @@ class SweepConfig:
         return list(range(self.trials)) if isinstance(self.trials, int) else [int(t) for t in self.trials]
 
     def variants(self) -> list[PolicyVariant]:
-        """The typed variants (built and validated once; `policies` keeps the entries as written)."""
-        return list(_variants(_freeze(self.policies)))
+        """The typed variants, built (and so validated) from the entries as written; cheap: no model."""
+        return expand_variants(self.policies)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _freeze(value: Any) -> Any:
-    """A hashable copy of a YAML value that keeps its types (1, 1.0 and True are equal keys otherwise): the
-    cache key of `_variants`."""
-    if isinstance(value, dict):
-        return ("dict", tuple((k, _freeze(v)) for k, v in value.items()))
-    if isinstance(value, list):
-        return ("list", tuple(_freeze(v) for v in value))
-    return (type(value).__name__, value)
-
-
-def _thaw(frozen: Any) -> Any:
-    kind, value = frozen
-    if kind == "dict":
-        return {k: _thaw(v) for k, v in value}
-    if kind == "list":
-        return [_thaw(v) for v in value]
-    return value
-
-
-@functools.lru_cache(maxsize=32)
-def _variants(frozen: tuple) -> tuple[PolicyVariant, ...]:
-    return tuple(expand_variants(_thaw(frozen)))
 
 
 # Sections that change what an episode does; the others (ray, wandb) only change how the sweep runs, so a

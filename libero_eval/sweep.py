@@ -36,12 +36,13 @@ log = logging.getLogger("libero_eval")
 def plan_episodes(config: SweepConfig) -> list[EpisodeSpec]:
     """suites/tasks x trials x variants. Order: by task, then trial, then variant (so the variants of one
     (task, trial) pair run close together and a worker keeps its env)."""
+    labels = [v.label for v in config.variants()]
     specs = []
     for suite, task_id in config.task_list():
         max_steps = config.max_steps or registry.MAX_STEPS[suite]
         for trial in config.trial_list():
-            for variant in config.variants():
-                specs.append(EpisodeSpec(suite, task_id, trial, variant.label, max_steps))
+            for label in labels:
+                specs.append(EpisodeSpec(suite, task_id, trial, label, max_steps))
     return specs
 
 
