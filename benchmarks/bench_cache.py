@@ -9,6 +9,10 @@ Per policy, every frame of the sequence served in order (one session, batch size
   latency             mean `total` per frame (first frame excluded: warm-up) and its ratio to `none`
   compute skipped     mean fraction of the prefix pass's token-layers not computed
   shadow deviation    action cosine vs the full path with the same noise (mean, p5, min), a second pass
+  modelled cost       each frame's cost under the `calibrated` latency model (policies/serving/latency.py:
+                      the engine's stages timed at batch 1, median of 5 calibrations) against the frame's
+                      measured wall time (`total`, batch 1): mean ratio, median and p90 of |cost/wall - 1|
+  calibration         5 calibrations in a row: each stage's spread and the full frame's (max-min)/median
 The sequence: libero_spatial task 0, trial 0, a scripted reach (privileged state) toward the black bowl
 that descends, closes the gripper and lifts: the arm and the wrist camera move, the scene around stays.
 Writes a table to stdout and JSON to benchmarks/results/cache_<device>.json.
@@ -38,6 +42,7 @@ from policies.pi05.configuration import Pi05Config  # noqa: E402
 from policies.pi05.modeling import Pi05Model  # noqa: E402
 from policies.pi05.processing import TINY_TOKENIZER, Normalizer, Pi05Processor, PromptTokenizer  # noqa: E402
 from policies.serving.engine import Request  # noqa: E402
+from policies.serving.latency import LatencyProfile  # noqa: E402
 from policies.serving.pi05 import Pi05Engine  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "data" / "libero_spatial_t0_reach.npz"
@@ -141,7 +146,22 @@ def serve(engine: Pi05Engine, variant, seq: Sequence) -> list[dict[str, Any]]:
     return records
 
 
-def measure(engine: Pi05Engine, variants, seq: Sequence) -> list[dict[str, Any]]:
+def calibration(engine: Pi05Engine, runs: int = 5, repeats: int = 5) -> tuple[LatencyProfile, dict[str, Any]]:
+    """`runs` calibrations: the median profile (per stage) and how much they vary run to run."""
+    profiles = [engine.calibrate(repeats) for _ in range(runs)]
+    stages = ("vision_ms", "prefix_ms", "velocity_eval_ms")
+    median = {k: float(np.median([getattr(p, k) for p in profiles])) for k in stages}
+    profile = LatencyProfile(**{**profiles[0].to_dict(), **median, "source": f"median of {runs} calibrations"})
+    steps = engine.config.num_steps
+    frames = [p.frame_ms(steps) for p in profiles]
+    spread = {k: (max(getattr(p, k) for p in profiles) - min(getattr(p, k) for p in profiles)) / median[k]
+              for k in stages}
+    return profile, {"runs": runs, "repeats": repeats, "profiles": [p.to_dict() for p in profiles],
+                     "full_frame_ms": frames, "full_frame_spread": (max(frames) - min(frames)) / float(np.median(frames)),
+                     "stage_spread": spread}
+
+
+def measure(engine: Pi05Engine, variants, seq: Sequence, profile: LatencyProfile) -> list[dict[str, Any]]:
     rows = []
     for v in variants:
         engine.shadow = False
@@ -151,12 +171,16 @@ def measure(engine: Pi05Engine, variants, seq: Sequence) -> list[dict[str, Any]]
         decide = [r["latency_ms"]["decide"] for r in timed]
         total = [r["latency_ms"]["total"] for r in timed[1:]]
         cos = [r["signals"]["shadow_cos"] for r in shadowed]
+        cost = [profile.cost_us(r["extra"]["compute"]) / 1000 for r in timed[1:]]
+        error = [abs(c / w - 1) for c, w in zip(cost, total)]
         decisions = [r["decision"] for r in timed]
         rows.append({
             "policy": v.label, "name": v.name, "frames": len(timed),
             "decide_ms_mean": float(np.mean(decide)), "decide_ms_median": float(np.median(decide)),
             "decide_ms_p95": float(np.percentile(decide, 95)),
             "latency_ms_mean": float(np.mean(total)),
+            "cost_ms_mean": float(np.mean(cost)), "cost_vs_wall": float(np.mean(cost) / np.mean(total)),
+            "cost_error_median": float(np.median(error)), "cost_error_p90": float(np.percentile(error, 90)),
             "stage_ms_mean": {k: float(np.mean([r["latency_ms"][k] for r in timed[1:]]))
                               for k in ("vision", "prefix", "denoise")},
             "reuse_rate": sum(d in ("reuse", "partial") for d in decisions) / len(decisions),
@@ -175,16 +199,17 @@ def measure(engine: Pi05Engine, variants, seq: Sequence) -> list[dict[str, Any]]
     return rows
 
 
-TABLE_HEADERS = ["policy", "decide ms", "p95", "lat ms", "vs none", "reuse", "skipped", "cos mean", "cos p5",
-                 "cos min"]
+TABLE_HEADERS = ["policy", "decide ms", "p95", "lat ms", "vs none", "cost ms", "cost/wall", "|err| p50", "reuse",
+                 "skipped", "cos mean", "cos p5", "cos min"]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     return format_table(TABLE_HEADERS, [
         [r["policy"], f"{r['decide_ms_median']:.3f}", f"{r['decide_ms_p95']:.3f}", f"{r['latency_ms_mean']:.1f}",
-         f"{r['latency_vs_none']:.2f}x", f"{r['reuse_rate']:.0%}", f"{r['compute_skipped']:.1%}",
+         f"{r['latency_vs_none']:.2f}x", f"{r['cost_ms_mean']:.1f}", f"{r['cost_vs_wall']:.2f}",
+         f"{r['cost_error_median']:.0%}", f"{r['reuse_rate']:.0%}", f"{r['compute_skipped']:.1%}",
          f"{r['shadow_cos_mean']:.4f}", f"{r['shadow_cos_p5']:.4f}", f"{r['shadow_cos_min']:.4f}"]
-        for r in rows], align="<>>>>>>>>>")
+        for r in rows], align="<>>>>>>>>>>>>")
 
 
 def main() -> int:
@@ -208,14 +233,18 @@ def main() -> int:
     engine, info = build_engine(config, device, dtype)
     print(f"{config} on {device} ({dtype}), {len(seq.observations)} frames of {DATA.name}", flush=True)
     t0 = time.perf_counter()
-    rows = measure(engine, expand_variants(POLICIES), seq)
+    profile, variability = calibration(engine)
+    print(f"calibration: full frame {variability['full_frame_ms']} ms, spread {variability['full_frame_spread']:.1%} "
+          f"over {variability['runs']} calibrations", flush=True)
+    rows = measure(engine, expand_variants(POLICIES), seq, profile)
     print(table(rows))
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"cache_{device}.json"
     out.write_text(json.dumps({
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if gpu else None},
         "model": info, "sequence": {"file": DATA.name, "frames": len(seq.observations), "seed": seq.seed},
-        "wall_s": round(time.perf_counter() - t0, 1), "policies": rows,
+        "wall_s": round(time.perf_counter() - t0, 1), "calibration": {"profile": profile.to_dict(), **variability},
+        "policies": rows,
     }, indent=1))
     print(f"-> {out}")
     return 0

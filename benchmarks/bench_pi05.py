@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -50,42 +49,10 @@ from policies.pi05.tensorrt import make_backend  # noqa: E402
 from policies.pi05.checkpoint import build_model, read_checkpoint_dir  # noqa: E402
 from policies.pi05.configuration import Pi05Config  # noqa: E402
 from policies.pi05.modeling import Pi05Model, count_parameters  # noqa: E402
-from policies.pi05.stages import Pi05Inputs  # noqa: E402
+from policies.pi05.timing import stage_functions, synthetic_inputs, time_stages  # noqa: E402
 
 STAGES = ("vision", "prefix", "denoise_step", "denoise", "total")
 SHORT = {"vision": "vision", "prefix": "prefix", "denoise_step": "step", "denoise": "denoise", "total": "total"}
-
-
-def synthetic_inputs(config: Pi05Config, batch: int, device: torch.device | str) -> tuple[Pi05Inputs, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    size = config.vision.image_size
-    images = torch.rand(batch, config.num_cameras, 3, size, size, generator=gen) * 2 - 1
-    masks = torch.ones(batch, config.num_cameras, dtype=torch.bool)
-    masks[:, -1] = config.num_cameras == 1  # LIBERO: the right wrist slot is empty
-    tokens = torch.randint(1, config.vocab_size, (batch, config.max_token_len), generator=gen)
-    token_masks = torch.arange(config.max_token_len)[None].expand(batch, -1) < config.max_token_len // 2
-    noise = torch.randn(batch, config.action_horizon, config.action_dim, generator=gen)
-    inputs = Pi05Inputs(images.to(device), masks.to(device), tokens.to(device), token_masks.to(device))
-    return inputs, noise.to(device)
-
-
-def stage_functions(stages: Pi05Model | Pi05Backend, inputs: Pi05Inputs,
-                    noise: torch.Tensor) -> dict[str, Callable[[], Any]]:
-    """Each stage as a closure over the outputs of the stages before it (computed once here), run by the
-    model itself or by a backend (the same stage API)."""
-    prefix = stages.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks)
-    prefix_kv = stages.compute_prefix_kv(prefix)
-    t = torch.tensor(1.0, device=noise.device)
-    model = stages.model if isinstance(stages, Pi05Backend) else stages
-    custom = stages.velocity_predictor(prefix_kv, frozenset()) if isinstance(stages, Pi05Backend) else None
-    predict = custom or model.predict_velocity  # the backend's denoising step, or the model's (eager)
-    return {
-        "vision": lambda: stages.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks),
-        "prefix": lambda: stages.compute_prefix_kv(prefix),
-        "denoise_step": lambda: predict(prefix_kv, prefix.pad_mask, noise, t, False),
-        "denoise": lambda: stages.denoise(prefix_kv, prefix.pad_mask, noise),
-        "total": lambda: stages.sample_actions(inputs, noise),
-    }
 
 
 def count_flops(fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
@@ -94,29 +61,6 @@ def count_flops(fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
         with FlopCounterMode(display=False) as counter:
             fn()
         out[name] = counter.get_total_flops() / 1e9
-    return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_stages(
-    fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int
-) -> dict[str, dict[str, float]]:
-    out = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(repeats):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            samples.append((time.perf_counter() - start) * 1e3)
-        out[name] = {"median_ms": statistics.median(samples), "min_ms": min(samples)}
     return out
 
 

@@ -5,6 +5,8 @@ Subcommands:
   sweep   run a YAML-configured sweep (suites/tasks x trials x policy variants) in parallel on Ray
   report  write report.html + summary.md for a run directory (and log it to W&B again with --wandb)
   replay  replay recorded observation sequences through every cache policy: offline fidelity per policy
+  profile measure a latency profile of a checkpoint on this device (configs/latency/; latency: <name>)
+  layout-table  measure the table of openpi scene layouts (env.seeding: openpi; tasks/layout.py)
   record-demos  record scripted-expert demonstrations (libero_eval/learning/demos.py)
   train   train a small Pi0.5 on recorded demos (libero_eval/learning/training.py)
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from libero_eval import replay
+from libero_eval import layout_command, profile_command, replay
 from libero_eval.cli_common import add_command, fail, parse_int_list, positive
 from libero_eval.config import ConfigError, load_config
 from libero_eval.episode import VIDEO_MODES, EpisodeConfig, run_episode
@@ -26,11 +28,11 @@ from libero_eval.learning import commands as learning
 from libero_eval.specs import EpisodeResult, EpisodeSpec
 from libero_eval.store import ResultStore
 from libero_eval.summary import summary_table
-from libero_eval.sweep_summary import format_table, pick_baseline, policy_rows
+from libero_eval.sweep_summary import format_table, pick_baseline, pick_baselines, policy_rows
 from policies.serving.engine import make_model_free
 from policies.serving.variants import MODEL_FREE, PolicyVariant
-from tasks import registry
-from tasks.env import EnvConfig, LiberoEnv
+from tasks import layout, registry
+from tasks.env import SEEDINGS, EnvConfig, LiberoEnv
 
 RUN_EXAMPLES = """examples:
   libero-eval run --suite libero_spatial --tasks 0,1 --trials 2 --max-steps 40 --out runs/x
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resolution", default=256, type=positive, help="camera resolution (default 256, as openpi)")
     run.add_argument("--no-lazy-render", action="store_true",
                      help="render cameras on every step (slower; observations are identical either way)")
+    run.add_argument("--seeding", default="openpi", choices=SEEDINGS,
+                     help="scene layout per (task, trial): openpi = the layout openpi's LIBERO evaluation gives that "
+                          "init state (default); per_episode = env.seed(paired episode seed) before each reset")
     run.add_argument("--out", default=None, help="run directory (default runs/<suite>_<policy>)")
 
     sweep = add_command(sub, "sweep", "run a sweep on Ray (local by default)", SWEEP_EXAMPLES)
@@ -85,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="W&B mode for --wandb (default: the sweep config's wandb.mode, offline if disabled)")
 
     replay.add_parser(sub)
+    layout_command.add_parser(sub)
+    profile_command.add_parser(sub)
     learning.add_record_demos_parser(sub)
     learning.add_train_parser(sub)
     return parser
@@ -121,13 +128,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             for k in (trials[0], trials[-1]):
                 registry.check_trial(args.suite, t, k)
         settings = EpisodeConfig(replan_steps=args.replan_steps, video=args.video, video_wrist=not args.no_wrist_video)
-        env_config = EnvConfig(resolution=args.resolution, lazy_render=not args.no_lazy_render)
+        env_config = EnvConfig(resolution=args.resolution, lazy_render=not args.no_lazy_render, seeding=args.seeding)
+        if args.seeding == "openpi":
+            gaps = layout.missing([(args.suite, t, k) for t in task_ids for k in trials])
+            if gaps:
+                raise ValueError(f"--seeding openpi: the layout table lacks {gaps[:3]}; build it with "
+                                 f"`libero-eval layout-table --suites {args.suite}` or use --seeding per_episode")
     except ValueError as exc:
         return fail("run", exc)
     label = args.label or args.policy
     max_steps = args.max_steps or registry.MAX_STEPS[args.suite]
     out = Path(args.out or f"runs/{args.suite}_{label}")
     store = ResultStore(out)
+    previous = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
+    if previous is not None and store.path.is_file() and previous.get("seeding", "per_episode") != args.seeding:
+        return fail("run", f"{out} holds episodes run with --seeding {previous.get('seeding', 'per_episode')}; "
+                           f"use another --out or the same --seeding")
     (out / "run.json").write_text(json.dumps(vars(args), indent=2, default=str))
     policy = make_model_free(PolicyVariant.make(label, args.policy))
 
@@ -209,11 +225,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise
     variants = config.variants()
     baseline = pick_baseline([v.label for v in variants], {v.label: v.name for v in variants})
-    rows = policy_rows(outcome.results, baseline)
+    rows = policy_rows(outcome.results, pick_baselines({v.label: v.describe() for v in variants}))
     (out / "summary.json").write_text(json.dumps({"rows": rows, "actor": outcome.actor_stats}, indent=2, default=str))
     tracker.finish(outcome.results, rows, baseline)
     print()
-    print(format_table(rows, baseline))
+    print(format_table(rows, pick_baselines({v.label: v.describe() for v in variants})))
     if config.model.kind == "tiny" and any(v.name not in MODEL_FREE for v in variants):
         print("\nNOTE: the model has random weights (model.kind=tiny): success rates mean nothing here and need "
               "a real checkpoint (model.kind=checkpoint). What differs between policies is above: decisions, "
@@ -285,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         return replay.run(args)
     if args.command == "report":
         return cmd_report(args)
+    if args.command == "profile":
+        return profile_command.run(args)
+    if args.command == "layout-table":
+        return layout_command.run(args)
     if args.command == "train":
         return learning.run_train(args)
     if args.command == "record-demos":

@@ -25,9 +25,11 @@ from typing import Any
 import yaml
 
 from libero_eval.episode import EpisodeConfig
+from libero_eval.execution import check_latency_name
+from policies.serving.latency import LatencyError
 from policies.serving.model import ModelConfig
 from policies.serving.variants import PolicyVariant
-from tasks import registry
+from tasks import layout, registry
 from tasks.env import EnvConfig
 
 
@@ -61,6 +63,9 @@ class SweepConfig:
     suites: dict[str, Any] = dataclasses.field(default_factory=lambda: {"libero_spatial": [0]})
     trials: Any = 1
     max_steps: int | None = None
+    # how frames are priced (policies/serving/latency.py): calibrated (measured once per run directory on the
+    # serving device), measured (the actor's wall time; not deterministic), or a profile in configs/latency/
+    latency: str = "calibrated"
     policies: list[dict[str, Any]] = dataclasses.field(default_factory=lambda: [{"name": "none"}])
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     episode: EpisodeConfig = dataclasses.field(default_factory=EpisodeConfig)
@@ -81,8 +86,12 @@ class SweepConfig:
         return list(range(self.trials)) if isinstance(self.trials, int) else [int(t) for t in self.trials]
 
     def variants(self) -> list[PolicyVariant]:
-        """The typed variants, built (and so validated) from the entries as written; cheap: no model."""
-        return expand_variants(self.policies)
+        """The typed variants, built (and so validated) from the entries as written; cheap: no model. The
+        execution axis (timing, latency, fallback) defaults to the sweep's episode.timing, latency, ..."""
+        return expand_variants(self.policies, self.execution_defaults())
+
+    def execution_defaults(self) -> dict[str, Any]:
+        return {"timing": self.episode.timing, "latency": self.latency, "fallback": self.episode.fallback}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,17 +99,27 @@ class SweepConfig:
 
 # Sections that change what an episode does; the others (ray, wandb) only change how the sweep runs, so a
 # resumed sweep may change them.
-RESULT_SECTIONS = ("suites", "trials", "max_steps", "policies", "model", "episode", "env")
+RESULT_SECTIONS = ("suites", "trials", "max_steps", "latency", "policies", "model", "episode", "env")
+
+
+def execution_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """The sweep-level execution defaults of a stored config.yaml (older ones: sync, calibrated, hold)."""
+    episode = stored.get("episode") or {}
+    return {"timing": episode.get("timing", "sync"), "latency": stored.get("latency", "calibrated"),
+            "fallback": episode.get("fallback", "hold")}
 
 
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, str) and "/" in value:  # a path (a latency profile's YAML): its name, labels are file names
+        return Path(value).stem
     return str(value)
 
 
-def expand_variants(policies: list[dict[str, Any]]) -> list[PolicyVariant]:
-    """Each entry's list-valued parameters expand into their cartesian product; labels name the values."""
+def expand_variants(policies: list[dict[str, Any]], defaults: dict[str, Any] | None = None) -> list[PolicyVariant]:
+    """Each entry's list-valued parameters expand into their cartesian product; labels name the values.
+    `defaults`: the sweep-level values of the general axes (PolicyVariant.make)."""
     variants: list[PolicyVariant] = []
     for i, entry in enumerate(policies):
         if not isinstance(entry, dict) or "name" not in entry:
@@ -118,9 +137,12 @@ def expand_variants(policies: list[dict[str, Any]]) -> list[PolicyVariant]:
             else:
                 name_part = name + "".join(f"_{k}{_format_value(params[k])}" for k in sorted(params))
             try:
-                variants.append(PolicyVariant.make(name_part, name, params))
+                variants.append(PolicyVariant.make(name_part, name, params, defaults))
             except ValueError as exc:
                 raise ConfigError(f"policies[{i}]: {exc}") from None
+    bad = [v.label for v in variants if "/" in v.label or not v.label]
+    if bad:
+        raise ConfigError(f"policy labels name files and W&B runs: expected no '/', got {bad}")
     labels = [v.label for v in variants]
     duplicates = sorted({l for l in labels if labels.count(l) > 1})
     if duplicates:
@@ -241,6 +263,13 @@ def validate(config: SweepConfig) -> None:
     for k in trial_list:
         if not 0 <= k < registry.NUM_INIT_STATES:
             raise ConfigError(f"trials: trial {k} does not exist: expected 0..{registry.NUM_INIT_STATES - 1}")
+    if config.env.seeding == "openpi":
+        gaps = layout.missing([(s, t, k) for s, t in config.task_list() for k in trial_list])
+        if gaps:
+            shown = ", ".join(f"{s} task {t} trial {k}" for s, t, k in gaps[:3]) + (" ..." if len(gaps) > 3 else "")
+            raise ConfigError(f"env.seeding: openpi needs openpi's layout of every planned episode; the table "
+                              f"(tasks/data/openpi_layouts.json) lacks {len(gaps)}: {shown}. Build them with "
+                              f"`libero-eval layout-table --suites {gaps[0][0]}` or set env.seeding: per_episode")
     if config.max_steps is not None and config.max_steps < 1:
         raise ConfigError(f"max_steps: expected a positive integer or null, got {config.max_steps}")
     if config.model.kind == "checkpoint":
@@ -254,7 +283,11 @@ def validate(config: SweepConfig) -> None:
         raise ConfigError(f"ray: num_workers, max_batch >= 1, batch_wait_ms, max_retries >= 0, cpus_per_worker > 0; got {r}")
     if config.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode: expected offline, online or disabled, got {config.wandb.mode!r}")
-    config.variants()  # builds (and so validates) every variant
+    for variant in config.variants():  # builds (and so validates) every variant
+        try:
+            check_latency_name(variant.execution.latency)
+        except LatencyError as exc:
+            raise ConfigError(f"latency ({variant.label}): {exc}") from None
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -271,9 +304,19 @@ def resolve_checkpoint(path: str | None) -> Path | None:
     return None
 
 
+# Options added with a default other than what sweeps made before them did: (section, key) -> what they did.
+LEGACY_VALUES = {("env", "seeding"): "per_episode"}
+
+
 def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored config with the fields added since it was written filled in with their defaults (a sweep
-    made before a new option existed ran with that option's default)."""
+    made before a new option existed ran with that option's default, or with its LEGACY_VALUES value)."""
+    stored = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
+    for (section, key), value in LEGACY_VALUES.items():
+        if isinstance(stored.get(section), dict):
+            stored[section].setdefault(key, value)
+        elif section not in stored:
+            stored[section] = {key: value}
     try:
         return _build(SweepConfig, stored, "").to_dict()
     except (ConfigError, TypeError, ValueError):

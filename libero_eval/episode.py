@@ -1,9 +1,11 @@
 """One closed-loop LIBERO episode, following openpi's examples/libero/main.py.
 
-1. policy.reset(episode key, paired seed); env.reset(seed) + set_init_state(init_states[trial])
+1. policy.reset(episode key, paired seed); env.reset: a hard reset in the scene layout of env.seeding, then
+   set_init_state(init_states[trial])
 2. 10 settle steps with the dummy action (done is not checked, as in openpi)
-3. until done or max_steps policy actions: when the action queue is empty, build the observation
-   (tasks.protocol) and query the policy; execute the first `replan_steps` actions of the chunk
+3. until done or max_steps policy actions: when a query is due, build the observation (tasks.protocol)
+   and query the policy; sync: execute the first `replan_steps` actions of the chunk; realtime: the chunk
+   arrives its modelled delay later (libero_eval/execution.py)
 4. success = the env's done flag at any step
 
 Outcomes: success; failure (max_steps, or `env_exception`: the simulator raised under the policy's
@@ -16,15 +18,16 @@ import logging
 import os
 import time
 import traceback
-from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
 from policies.base import IMAGE_KEY, PRIVILEGED_KEY, PROMPT_KEY, STATE_KEY, WRIST_IMAGE_KEY, Policy
+from policies.serving.variants import ExecutionSettings
 from tasks import protocol, registry
 from tasks.env import LiberoEnv, RenderError
 from tasks.video import VideoWriter, hud_frame
 
+from libero_eval.execution import ChunkExecutor, LatencyModel, frame_cost_us
 from libero_eval.observations import save_observations
 from libero_eval.specs import EpisodeResult, EpisodeSpec
 from libero_eval.store import INFRA_REASONS
@@ -68,10 +71,16 @@ class EpisodeConfig:
     shadow: bool = False  # the policy actor also computes the full path per frame and records the deviation
     # save each query's observation to <run_dir>/observations/<file stem>.npz (input of `libero-eval replay`)
     record_observations: bool = False
+    # the default execution of every variant (a variant may set its own: `timing: [sync, realtime]`):
+    # sync = the simulator waits for the policy; realtime = chunks arrive ceil(cost x 20 Hz) steps late
+    # (libero_eval/execution.py); fallback = what runs when the robot has no action left (realtime)
+    timing: str = "sync"
+    fallback: str = "hold"
 
     def __post_init__(self) -> None:
         if self.video not in VIDEO_MODES:
             raise ValueError(f"video: expected one of {VIDEO_MODES}, got {self.video!r}")
+        ExecutionSettings(timing=self.timing, fallback=self.fallback)  # checks both (its messages name the key)
         for name in ("replan_steps", "num_steps_wait", "video_fps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
@@ -121,9 +130,16 @@ def run_episode(
     policy: Policy,
     settings: EpisodeConfig | None = None,
     run_dir: str | Path | None = None,
+    execution: ExecutionSettings | None = None,
+    latency: LatencyModel | None = None,
 ) -> EpisodeResult:
-    """Run one episode and return its result; never raises for anything the episode itself does."""
+    """Run one episode and return its result; never raises for anything the episode itself does.
+
+    `execution`: the variant's timing and fallback (default: settings.timing / settings.fallback);
+    `latency`: prices each query (`cost_ms` in its record; realtime delays); None: no cost is recorded
+    (realtime then runs every chunk with no delay)."""
     settings = settings or EpisodeConfig()
+    execution = execution or ExecutionSettings(timing=settings.timing, fallback=settings.fallback)
     t_start = time.perf_counter()
     task = env.task
     records: list[dict] = []
@@ -141,8 +157,9 @@ def run_episode(
         if last_record is None:
             lines, decision = [f"step {env_step}  settle"], None
         else:
+            delay = f"  +{last_record['delay_steps']} steps late" if execution.timing == "realtime" else ""
             lines = [
-                f"step {env_step}  q{last_record['index']} {last_record['decision'].upper()} {last_record['reason']}",
+                f"step {env_step}  q{last_record['index']} {last_record['decision'].upper()} {last_record['reason']}{delay}",
                 f"{task.suite} t{task.task_id} trial {spec.trial}",
             ]
             decision = last_record["decision"]
@@ -169,7 +186,7 @@ def run_episode(
         try:
             init_state = registry.init_state(spec.suite, spec.task_id, spec.trial)
             env.set_render_every_step(settings.video == "every_step")
-            env.reset(spec.seed, init_state)
+            env.reset(spec.seed, init_state, trial=spec.trial)
             if images_at(0):
                 env.expect_observation(settings.num_steps_wait)
             raw = None
@@ -182,10 +199,10 @@ def run_episode(
             final_video, partial_video = video_paths(run_dir, spec)
             writer = VideoWriter(partial_video, fps=settings.video_fps)
 
-        queue: deque = deque()
+        executor = ChunkExecutor(execution, settings.replan_steps, env.control_hz)
         done = False
         while steps < spec.max_steps:
-            if not queue:
+            if executor.query_due(steps):
                 try:
                     privileged = env.privileged() if needs_privileged else None
                 except Exception as exc:
@@ -199,13 +216,16 @@ def run_episode(
                     raise _EpisodeError(_policy_reason(exc), exc) from exc
                 last_record = chunk.record.to_dict()
                 last_record["env_step"] = steps
+                cost_us = frame_cost_us(last_record, latency) if latency is not None else 0
+                if latency is not None:
+                    last_record["cost_ms"] = cost_us / 1000
                 records.append(last_record)
-                queue.extend(chunk.actions[: settings.replan_steps])
+                next_query = executor.issue(steps, chunk.actions, cost_us, last_record)
                 if writer is not None and settings.video == "query" and protocol.AGENTVIEW in raw:
                     frame(raw, steps)
-                if images_at(steps + len(queue)):
-                    env.expect_observation(len(queue))
-            action = queue.popleft()
+                if images_at(next_query):
+                    env.expect_observation(next_query - steps)
+            action, _fallback = executor.action(steps)
             try:
                 raw, done = env.step(action)
             except RenderError as exc:

@@ -70,12 +70,12 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def success_vs_speedup(rows: list[dict[str, Any]], highlight: str | None = None) -> bytes:
-    """The Pareto picture: success (with Wilson bars) against speedup over the baseline's latency."""
+    """The Pareto picture: success (with Wilson bars) against speedup over the baseline's modelled latency."""
     data = [r for r in overall_rows(rows) if r.get("speedup") is not None]
     fig = Figure(figsize=(5.5, 4.0))
     ax = fig.add_subplot()
     if not data:
-        ax.text(0.5, 0.5, "no speedup: the sweep has no baseline (policy 'none') with latency",
+        ax.text(0.5, 0.5, "no speedup: the sweep has no baseline (policy 'none') with modelled costs",
                 ha="center", va="center", transform=ax.transAxes, fontsize=9)
         ax.set_axis_off()
         return _png(fig)
@@ -88,7 +88,7 @@ def success_vs_speedup(rows: list[dict[str, Any]], highlight: str | None = None)
     front = pareto_front([(r["speedup"], r["success_rate"] or 0.0) for r in data])
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", lw=1, label="Pareto front")
     ax.axvline(1.0, color=BASELINE_COLOUR, lw=0.8, alpha=0.5)
-    ax.set_xlabel("speedup vs baseline (mean inference latency)")
+    ax.set_xlabel("speedup vs baseline (modelled cost per frame)")
     ax.set_ylabel("success rate")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("Success vs speedup")
@@ -159,3 +159,68 @@ def timeline(result, max_signals: int = 4) -> bytes | None:
     axes[0].set_title(f"{result.policy_label} | {result.suite} task {result.task_id} trial {result.trial} | {outcome}",
                       fontsize=9)
     return _png(fig)
+
+
+def success_vs_latency(rows: list[dict[str, Any]], highlight: str | None = None) -> bytes:
+    """Success (Wilson bars) against each variant's modelled latency per frame, one panel per latency model,
+    with the Pareto front (no other variant is both faster and more successful); realtime variants hollow."""
+    data = [r for r in overall_rows(rows) if r.get("cost_ms")]
+    models = sorted({r.get("latency") or "?" for r in data})
+    fig = Figure(figsize=(5.5 * max(1, len(models)), 4.0))
+    axes = fig.subplots(1, max(1, len(models)), squeeze=False)[0]
+    if not data:
+        axes[0].text(0.5, 0.5, "no modelled latency: the records carry no cost_ms", ha="center", va="center",
+                     transform=axes[0].transAxes, fontsize=9)
+        axes[0].set_axis_off()
+        return _png(fig)
+    for ax, model in zip(axes, models):
+        mine = [r for r in data if (r.get("latency") or "?") == model]
+        for r in mine:
+            rate = r["success_rate"] or 0.0
+            colour = HIGHLIGHT_COLOUR if r["policy"] == highlight else BAR_COLOUR
+            below, above = _error_lengths(rate, r)
+            hollow = r.get("timing") == "realtime"
+            ax.errorbar([r["cost_ms"]], [rate], yerr=[[below], [above]], fmt="o", color=colour, capsize=3,
+                        mfc="white" if hollow else colour)
+            ax.annotate(r["policy"], (r["cost_ms"], rate), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        front = pareto_front([(-r["cost_ms"], r["success_rate"] or 0.0) for r in mine])
+        ax.plot([-p[0] for p in front], [p[1] for p in front], "--", color="grey", lw=1, label="Pareto front")
+        ax.set_xlabel(f"modelled latency per frame, ms ({model})")
+        ax.set_ylabel("success rate")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"Success vs latency: {model}", fontsize=10)
+        ax.plot([], [], "o", color=BAR_COLOUR, mfc="white", label="realtime (hollow)")
+        ax.legend(fontsize=8, loc="lower left")
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def sync_vs_realtime(rows: list[dict[str, Any]]) -> bytes | None:
+    """Per variant run both ways, success in sync beside realtime (Wilson bars); None when no variant was."""
+    by_family: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in overall_rows(rows):
+        by_family.setdefault(r.get("family", r["policy"]), {})[r.get("timing", "sync")] = r
+    pairs = [(f, t) for f, t in by_family.items() if {"sync", "realtime"} <= set(t)]
+    if not pairs:
+        return None
+    fig = Figure(figsize=(max(4.5, 1.6 * len(pairs) + 2), 3.8))
+    ax = fig.add_subplot()
+    width = 0.38
+    for j, timing in enumerate(("sync", "realtime")):
+        rs = [t[timing] for _, t in pairs]
+        rates = [r["success_rate"] or 0.0 for r in rs]
+        bars = [_error_lengths(rate, r) for rate, r in zip(rates, rs)]
+        xs = [i + (j - 0.5) * width for i in range(len(pairs))]
+        ax.bar(xs, rates, width, color=BASELINE_COLOUR if timing == "sync" else BAR_COLOUR, label=timing,
+               yerr=[[b[0] for b in bars], [b[1] for b in bars]], capsize=3, ecolor="black")
+        for x, r in zip(xs, rs):
+            ax.annotate(f"{r['successes']}/{r['n']}", (x, 0.02), ha="center", color="white", fontsize=7)
+    labels = [t["sync"]["policy"].replace("_timingsync", "") for _, t in pairs]
+    ax.set_xticks(list(range(len(pairs))), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate (95% Wilson)")
+    ax.set_title("Sync vs realtime, per variant")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+

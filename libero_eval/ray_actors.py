@@ -17,6 +17,7 @@ import ray
 import torch
 
 from libero_eval.episode import EpisodeConfig, PolicyUnavailable, run_episode
+from libero_eval.execution import LatencyModel
 from libero_eval.specs import EpisodeSpec
 from policies.base import IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_IMAGE_KEY, ActionChunk, Policy
 from policies.serving.batcher import Batcher
@@ -81,6 +82,12 @@ class PolicyActor:
 
     async def infer(self, session_id: str, observation: dict[str, Any]) -> ActionChunk:
         return await self.batcher.submit(Request(session_id, observation))
+
+    async def calibrate(self, repeats: int = 5) -> dict[str, Any] | None:
+        """The serving model's latency profile at batch 1, measured on the engine thread (no batch runs
+        meanwhile); None for a model-free actor."""
+        profile = await self._run(self.engine.calibrate, repeats)
+        return None if profile is None else profile.to_dict()
 
     async def shutdown(self) -> None:
         await self.batcher.stop()
@@ -156,7 +163,7 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, spec: EpisodeSpec, attempt: int) -> dict[str, Any]:
+    def run(self, spec: EpisodeSpec, attempt: int, latency: LatencyModel | None = None) -> dict[str, Any]:
         key = (spec.suite, spec.task_id)
         if self.env_key != key:
             if self.env is not None:
@@ -165,8 +172,10 @@ class RolloutWorker:
             self.env = LiberoEnv(registry.get_task(*key), self.env_config)  # raises: infrastructure
             self.env_key = key
             self.envs_created += 1
-        policy = RemotePolicy(self.policy_actor, self.variants[spec.policy_label])
-        result = run_episode(spec, self.env, policy, self.settings, run_dir=self.run_dir)
+        variant = self.variants[spec.policy_label]
+        policy = RemotePolicy(self.policy_actor, variant)
+        result = run_episode(spec, self.env, policy, self.settings, run_dir=self.run_dir,
+                             execution=variant.execution, latency=latency)
         result.attempt = attempt
         result.env_stats["worker_pid"] = os.getpid()
         result.env_stats["envs_created"] = self.envs_created

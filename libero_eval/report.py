@@ -21,12 +21,12 @@ import numpy as np
 import yaml
 
 from libero_eval import plots
-from libero_eval.config import expand_variants
+from libero_eval.config import LEGACY_VALUES, execution_defaults, expand_variants
 from libero_eval.plots import overall_rows
 from libero_eval.specs import EpisodeResult
 from libero_eval.stats import wilson_interval
 from libero_eval.store import RESULTS_FILE, ResultStore
-from libero_eval.sweep_summary import REUSE_DECISIONS, pick_baseline, policy_rows
+from libero_eval.sweep_summary import REUSE_DECISIONS, pick_baseline, pick_baselines, policy_rows
 from tasks import registry
 
 REPLAY_SUMMARY = Path("replay") / "replay_summary.json"
@@ -40,15 +40,21 @@ class ReportError(ValueError):
 # -- numbers ----------------------------------------------------------------------------------------
 
 def episode_metrics(result: EpisodeResult) -> dict[str, float | int | None]:
-    """What one episode's frames say: reuse rate, inference latency (mean, p95), shadow deviation."""
+    """What one episode's frames say: reuse rate, modelled cost per frame and realtime delays, the actor's
+    wall time per frame (mean, p95: its batch's), shadow deviation."""
     records = result.records
     latency = [rec["latency_ms"]["total"] for rec in records if "total" in rec.get("latency_ms", {})]
+    cost = [rec["cost_ms"] for rec in records if rec.get("cost_ms") is not None]
+    delay = [rec["delay_steps"] for rec in records if rec.get("delay_steps") is not None]
     cos = [rec["signals"]["shadow_cos"] for rec in records if "shadow_cos" in rec.get("signals", {})]
     l2 = [rec["signals"]["shadow_l2"] for rec in records if "shadow_l2" in rec.get("signals", {})]
     reused = sum(rec.get("decision") in REUSE_DECISIONS for rec in records)
     return {
         "frames": len(records),
         "reuse_rate": reused / len(records) if records else None,
+        "cost_mean_ms": mean(cost) if cost and len(cost) == len(records) else None,
+        "delay_mean_steps": mean(delay) if delay else None,
+        "fallback_actions": sum(rec.get("fallback_actions", 0) for rec in records),
         "latency_mean_ms": mean(latency) if latency else None,
         "latency_p95_ms": float(np.percentile(latency, 95)) if latency else None,
         "shadow_cos_mean": mean(cos) if cos else None,
@@ -91,13 +97,14 @@ class RunData:
     planned: int | None
     retries: int
     variants: dict[str, dict[str, Any]]  # label -> {"name": ..., **params}
-    baseline: str | None
+    baseline: str | None  # the first `none` variant (colours, order)
     replay: dict[str, Any] | None
     notes: list[str]
+    baselines: dict[str, str | None] = dataclasses.field(default_factory=dict)  # label -> its baseline
 
     @property
     def rows(self) -> list[dict[str, Any]]:
-        return policy_rows(self.results, self.baseline)
+        return policy_rows(self.results, self.baselines or self.baseline)
 
     @property
     def state(self) -> str:
@@ -123,8 +130,9 @@ def load_run(run_dir: str | Path) -> RunData:
     variants: dict[str, dict[str, Any]] = {}
     planned = None
     if config:
-        for v in expand_variants(config.get("policies") or []):
-            variants[v.label] = {"name": v.name, **v.param_dict}
+        for v in expand_variants(config.get("policies") or [], execution_defaults(config)):
+            variants[v.label] = {"name": v.name, **v.param_dict, "timing": v.execution.timing,
+                                 "latency": v.execution.latency}
         planned = _planned(config, len(variants))
     for r in results:
         if r.policy_label not in variants:
@@ -140,8 +148,9 @@ def load_run(run_dir: str | Path) -> RunData:
             notes.append(f"{REPLAY_SUMMARY} is not valid JSON ({exc}); offline fidelity left out")
     labels = sorted(variants)
     baseline = pick_baseline(labels, {k: v["name"] for k, v in variants.items()})
+    baselines = pick_baselines(variants)
     name = (config or {}).get("name") or run_dir.resolve().name
-    return RunData(run_dir, name, config, results, planned, retries, variants, baseline, replay, notes)
+    return RunData(run_dir, name, config, results, planned, retries, variants, baseline, replay, notes, baselines)
 
 
 def _planned(config: dict[str, Any], n_variants: int) -> int | None:
@@ -188,18 +197,17 @@ def _success(row: dict[str, Any]) -> str:
 
 
 def policy_table(data: RunData) -> tuple[list[str], list[list[str]]]:
-    header = ["policy", "suite", "success [95% CI]", "vs baseline", "reuse", "latency ms", "Hz", "speedup",
-              "shadow cos (mean/min)", "full frames by reason", "errors"]
+    header = ["policy", "suite", "success [95% CI]", "vs baseline", "reuse", "latency ms (model)", "Hz", "speedup",
+              "delay steps", "shadow cos (mean/min)", "full frames by reason", "errors"]
     body = []
     for r in data.rows:
         paired = (f"-{r['base_only']}/+{r['variant_only']} p={r['mcnemar_p']:.2f}" if "pairs" in r
-                  else "(baseline)" if r["policy"] == data.baseline else "-")
+                  else "(baseline)" if r["policy"] == r.get("baseline") else "-")
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["full_by_reason"].items(), key=lambda kv: -kv[1]))
-        hz = 1000.0 / r["latency_ms"] if r["latency_ms"] else None
         shadow = "-" if r["shadow_cos_mean"] is None else f"{r['shadow_cos_mean']:.3f} / {r['shadow_cos_min']:.3f}"
-        body.append([r["policy"], r["suite"], _success(r), paired, _pct(r["reuse_rate"]), _num(r["latency_ms"]),
-                     _num(hz), _num(r["speedup"], ".2f") + ("x" if r["speedup"] else ""), shadow, reasons or "-",
-                     str(r["errors"])])
+        body.append([r["policy"], r["suite"], _success(r), paired, _pct(r["reuse_rate"]), _num(r["cost_ms"]),
+                     _num(r["hz"]), _num(r["speedup"], ".2f") + ("x" if r["speedup"] else ""),
+                     _num(r["delay_steps"]), shadow, reasons or "-", str(r["errors"])])
     return header, body
 
 
@@ -300,7 +308,28 @@ def _notes(data: RunData) -> list[str]:
     errors = [r for r in data.results if r.status == "error"]
     if errors:
         notes.append(f"{len(errors)} episode(s) ended in an error and are not counted as task failures")
+    unpaired = sorted(label for label, base in data.baselines.items() if base is None)
+    if data.baseline is not None and unpaired:
+        notes.append(f"no baseline (policy none) with the same timing and latency model for {', '.join(unpaired)}: "
+                     "no paired test and no speedup for them")
+    records = [rec for r in data.results if r.status != "error" for rec in r.records]
+    priced = sum(rec.get("cost_ms") is not None for rec in records)
+    if 0 < priced < len(records):
+        notes.append(f"{len(records) - priced} of {len(records)} frames carry no modelled cost (stored before "
+                     "per-frame costs existed): latency, Hz and speedup are shown as unknown where they mix")
     return notes + data.notes
+
+
+SEEDING_TEXT = {"openpi": "openpi's evaluation layout for each init state (env.seeding: openpi)",
+                "per_episode": "the paired per-episode seed's (env.seeding: per_episode)"}
+
+
+def scene_text(config: dict[str, Any] | None) -> str | None:
+    """Which scene layouts the run's episodes saw (run directories from before the option: per_episode)."""
+    if not config:
+        return None
+    seeding = (config.get("env") or {}).get("seeding", LEGACY_VALUES[("env", "seeding")])
+    return f"Scene layouts: {SEEDING_TEXT.get(seeding, seeding)}."
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
@@ -309,7 +338,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     run_dir = data.run_dir
     rows = data.rows
     figures = {"success_by_policy": plots.success_by_policy(rows, data.baseline),
-               "success_vs_speedup": plots.success_vs_speedup(rows)}
+               "success_vs_speedup": plots.success_vs_speedup(rows),
+               "success_vs_latency": plots.success_vs_latency(rows)}
+    sync_realtime = plots.sync_vs_realtime(rows)
+    if sync_realtime is not None:
+        figures["sync_vs_realtime"] = sync_realtime
     timelines = [(r, plots.timeline(r)) for r in pick_timelines(data)]
     plot_dir = run_dir / PLOTS_DIR
     plot_dir.mkdir(exist_ok=True)
@@ -321,14 +354,21 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         tables["fidelity"] = fidelity_table(data)
         tables["signals"] = signal_table(data)
     notes = _notes(data)
+    scene = scene_text(data.config)
 
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>libero-eval: {html.escape(data.name)}"
              f"</title><style>{_CSS}</style></head><body>",
              f"<h1>libero-eval report: {html.escape(data.name)}</h1>",
+             *([f"<p>{html.escape(scene)}</p>"] if scene else []),
              *(f'<p class="note">{html.escape(n)}</p>' for n in notes),
              "<h2>Success per cache policy</h2>", _html_table("policies-table", *tables["policies"]),
              '<div class="plots">', _img(figures["success_by_policy"], "success rate per policy", "plot-success"),
-             _img(figures["success_vs_speedup"], "success vs speedup", "plot-pareto"), "</div>"]
+             _img(figures["success_vs_speedup"], "success vs speedup", "plot-pareto"), "</div>",
+             "<h2>Success vs latency</h2><p>Each variant's modelled latency per frame (its own compute priced by "
+             "its latency model, whatever it shared a batch with); realtime variants hollow.</p>",
+             '<div class="plots">', _img(figures["success_vs_latency"], "success vs latency", "plot-latency"),
+             *([_img(figures["sync_vs_realtime"], "sync vs realtime", "plot-sync-realtime")]
+               if "sync_vs_realtime" in figures else []), "</div>"]
     if data.replay:
         model = data.replay.get("model") or {}
         parts += ["<h2>Offline fidelity beside closed-loop success</h2>",
@@ -347,11 +387,13 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     html_path = run_dir / "report.html"
     html_path.write_text("\n".join(parts), encoding="utf-8")
 
-    md = [f"# libero-eval report: {data.name}", "", *(f"- {n}" for n in notes), "",
+    md = [f"# libero-eval report: {data.name}", "", *([scene, ""] if scene else []), *(f"- {n}" for n in notes), "",
           "Full report with timelines and video links: [report.html](report.html)", "",
           "## Success per cache policy", "", _md_table(*tables["policies"]), "",
           f"![success per policy]({PLOTS_DIR}/success_by_policy.png) "
-          f"![success vs speedup]({PLOTS_DIR}/success_vs_speedup.png)", ""]
+          f"![success vs speedup]({PLOTS_DIR}/success_vs_speedup.png)",
+          f"![success vs latency]({PLOTS_DIR}/success_vs_latency.png)"
+          + (f" ![sync vs realtime]({PLOTS_DIR}/sync_vs_realtime.png)" if "sync_vs_realtime" in figures else ""), ""]
     if data.replay:
         md += ["## Offline fidelity beside closed-loop success", "", _md_table(*tables["fidelity"]), ""]
     md += ["## Per task", "", _md_table(*tables["tasks"]), ""]

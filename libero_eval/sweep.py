@@ -24,11 +24,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from libero_eval.config import ConfigError, SweepConfig, diff_configs
+from libero_eval.config import LEGACY_VALUES, ConfigError, SweepConfig, diff_configs
+from libero_eval.execution import resolve_latencies
 from libero_eval.ray_actors import PolicyActor, RolloutWorker
 from libero_eval.specs import EpisodeResult, EpisodeSpec
 from libero_eval.store import INFRA_REASONS, ResultStore
-from tasks import registry
+from tasks import layout, registry
 
 log = logging.getLogger("libero_eval")
 
@@ -55,15 +56,29 @@ def prepare_run_dir(config: SweepConfig, out: str | Path) -> Path:
         old = yaml.safe_load(stored.read_text()) or {}
         diffs = diff_configs(old, resolved)
         if diffs:
+            hints = [f"{section}.{key}={value}" for (section, key), value in LEGACY_VALUES.items()
+                     if any(d.startswith(f"{section}.{key}: stored {value!r}") for d in diffs)]
             raise ConfigError(
                 f"{out} holds a sweep with a different config; refusing to mix results. Differences:\n  "
-                + "\n  ".join(diffs) + f"\nUse another --out, or delete {out} to start over."
+                + "\n  ".join(diffs) + (f"\nTo resume it as it was made, add {' '.join(hints)}." if hints else "")
+                + f"\nUse another --out, or delete {out} to start over."
             )
+    scenes = out / SCENES_FILE
+    used = {"seeding": config.env.seeding,
+            "openpi_table_sha256": layout.digest([(s, t, k) for s, t in config.task_list()
+                                                  for k in config.trial_list()])
+            if config.env.seeding == "openpi" else None}
+    if scenes.is_file() and json.loads(scenes.read_text()) != used:
+        raise ConfigError(f"{out} was run with other openpi layout-table entries ({scenes}: "
+                          f"{json.loads(scenes.read_text())}, now {used}): tasks/data/openpi_layouts.json changed "
+                          "since; resuming would mix scene layouts. Use another --out, or delete it to start over.")
     out.mkdir(parents=True, exist_ok=True)
     stored.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    scenes.write_text(json.dumps(used))
     return out
 
 
+SCENES_FILE = "scenes.json"  # which scene layouts the run uses (seeding, digest of its openpi table entries)
 _STARTED_LOCALLY = False
 
 
@@ -163,6 +178,8 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
     if todo:
         init_ray(config)
         variants = config.variants()
+        by_label = {v.label: v for v in variants}
+        latencies: dict = {}
         r = config.ray
         use_gpu = _gpu_available()
         actor_opts = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": r.policy_actor_cpus}
@@ -171,11 +188,7 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
             config.model, variants, r.max_batch, r.batch_wait_ms, None if use_gpu else 1,
             config.episode.shadow, config.episode.replan_steps)
         n_workers = min(r.num_workers, len(todo))
-        workers = [
-            RolloutWorker.options(num_cpus=r.cpus_per_worker, max_restarts=-1, max_task_retries=0).remote(
-                config.env, config.episode, str(run_dir), actor_name, variants)
-            for _ in range(n_workers)
-        ]
+        workers: list = []  # started once the latency models are fixed (a calibration runs alone)
         scheduler = _Scheduler(todo)
         worker_task: dict[int, tuple[str, int] | None] = {i: None for i in range(n_workers)}
         pending: dict[Any, tuple[int, EpisodeSpec, int]] = {}
@@ -193,7 +206,7 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
                 return
             spec, attempt = nxt
             worker_task[i] = (spec.suite, spec.task_id)
-            ref = workers[i].run.remote(spec, attempt)
+            ref = workers[i].run.remote(spec, attempt, latencies[by_label[spec.policy_label].execution.latency])
             pending[ref] = (i, spec, attempt)
 
         def retry_or_store(spec: EpisodeSpec, attempt: int, result: EpisodeResult) -> None:
@@ -215,6 +228,12 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
 
         try:
             _wait_started(policy_actor)
+            latencies = resolve_latencies({v.execution.latency for v in variants}, run_dir,
+                                          lambda: ray.get(policy_actor.calibrate.remote(), timeout=900))
+            workers.extend(
+                RolloutWorker.options(num_cpus=r.cpus_per_worker, max_restarts=-1, max_task_retries=0).remote(
+                    config.env, config.episode, str(run_dir), actor_name, variants)
+                for _ in range(n_workers))
             if on_start is not None:
                 on_start(workers, policy_actor)
             for i in range(n_workers):

@@ -1,8 +1,14 @@
 """The table a sweep ends with: success per policy x suite (95% Wilson), paired against the baseline
 (discordant pairs, exact McNemar p), and what differs even when success does not: reuse rate, full frames
-by reason, latency and speedup, shadow deviation."""
+by reason, modelled latency, Hz and speedup, shadow deviation.
+
+Latency, Hz and speedup come from each frame's own cost under its variant's latency model (`cost_ms` in
+the records; policies/serving/latency.py), never from the batch it was served in: they do not depend on
+how many workers ran or what else shared a batch. Each variant is compared with the baseline (`none`) of
+the same timing and latency model."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 from statistics import mean
 from typing import Any
@@ -14,14 +20,18 @@ from libero_eval.stats import mcnemar_exact, wilson_interval
 REUSE_DECISIONS = ("reuse", "partial")
 
 
-def policy_rows(results: list[EpisodeResult], baseline: str | None) -> list[dict[str, Any]]:
-    """One row per (policy label, suite) plus an ALL row per label; numbers only (for tables, W&B, JSON)."""
+def policy_rows(results: list[EpisodeResult], baseline: str | dict[str, str | None] | None) -> list[dict[str, Any]]:
+    """One row per (policy label, suite) plus an ALL row per label; numbers only (for tables, W&B, JSON).
+    `baseline`: one label for all, or {label: its baseline label} (pick_baselines)."""
     scored = [r for r in results if r.status != "error"]
-    labels = sorted({r.policy_label for r in results}, key=lambda l: (l != baseline, l))
-    base_by_pair = {(r.suite, r.task_id, r.trial): r.success for r in scored if r.policy_label == baseline}
-    base_latency = _latency([r for r in scored if r.policy_label == baseline])
+    all_labels = {r.policy_label for r in results}
+    base_of = baseline if isinstance(baseline, dict) else {label: baseline for label in all_labels}
+    bases = {b for b in base_of.values() if b is not None}
+    labels = sorted(all_labels, key=lambda l: (l not in bases, l))
     rows = []
     for label in labels:
+        base = base_of.get(label)
+        base_by_pair = {(r.suite, r.task_id, r.trial): r.success for r in scored if r.policy_label == base}
         mine = [r for r in results if r.policy_label == label]
         suites = sorted({r.suite for r in mine})
         for suite in [*suites, "ALL"] if len(suites) > 1 else suites:
@@ -32,19 +42,32 @@ def policy_rows(results: list[EpisodeResult], baseline: str | None) -> list[dict
             records = [rec for r in ok for rec in r.records]
             decisions = Counter(rec.get("decision") for rec in records)
             full_reasons = Counter(rec.get("reason") for rec in records if rec.get("decision") == "full")
-            latency = _latency(ok)
+            cost = _mean_field(records, "cost_ms")
+            base_cost = _mean_field([rec for r in scored if r.policy_label == base
+                                     and (suite == "ALL" or r.suite == suite) for rec in r.records], "cost_ms")
+            described = next((r.policy for r in mine if r.policy), {})
             row = {
-                "policy": label, "suite": suite, "n": n, "successes": k, "success_rate": k / n if n else None,
+                "policy": label, "suite": suite, "baseline": base, "n": n, "successes": k,
+                "timing": described.get("timing", "sync"), "latency": described.get("latency"),
+                # the variant apart from its timing: its sync and realtime rows share it (plots.sync_vs_realtime)
+                "family": json.dumps({k: v for k, v in described.items() if k not in ("label", "timing")},
+                                     sort_keys=True, default=str),
+                "success_rate": k / n if n else None,
                 "wilson_low": lo, "wilson_high": hi, "errors": len(group) - n,
                 "frames": len(records),
                 "reuse_rate": sum(decisions[d] for d in REUSE_DECISIONS) / len(records) if records else None,
                 "full_by_reason": dict(full_reasons),
-                "latency_ms": latency,
-                "speedup": base_latency / latency if latency and base_latency else None,
+                "cost_ms": cost,  # modelled latency per frame (None: records from before latency models)
+                "hz": 1000 / cost if cost else None,
+                "speedup": base_cost / cost if cost and base_cost else None,
+                "wall_ms": _latency(ok),  # the actor's wall time per frame: its whole batch's (not comparable)
+                "delay_steps": _mean_field(records, "delay_steps") if any(r.policy.get("timing") == "realtime"
+                                                                           for r in ok) else None,
+                "fallback_actions": sum(rec.get("fallback_actions", 0) for rec in records),
                 "shadow_cos_mean": _mean_signal(records, "shadow_cos"),
                 "shadow_cos_min": _min_signal(records, "shadow_cos"),
             }
-            if baseline is not None and label != baseline:
+            if base is not None and label != base:
                 b = c = pairs = 0
                 for r in ok:
                     key = (r.suite, r.task_id, r.trial)
@@ -55,6 +78,14 @@ def policy_rows(results: list[EpisodeResult], baseline: str | None) -> list[dict
                 row.update({"pairs": pairs, "base_only": b, "variant_only": c, "mcnemar_p": mcnemar_exact(b, c)})
             rows.append(row)
     return rows
+
+
+def _mean_field(records: list[dict], name: str) -> float | None:
+    """The mean of a per-record number; None unless every record has it (old run directories: unknown)."""
+    values = [rec.get(name) for rec in records]
+    if not values or any(v is None for v in values):
+        return None
+    return mean(values)
 
 
 def _latency(results: list[EpisodeResult]) -> float | None:
@@ -76,34 +107,42 @@ def _min_signal(records, name):
     return min(values) if values else None
 
 
-SWEEP_HEADERS = ["policy", "suite", "success (95% CI)", "vs {baseline}", "reuse", "lat ms", "speedup", "shadow cos",
-                 "full frames by reason"]
+SWEEP_HEADERS = ["policy", "suite", "success (95% CI)", "vs {baseline}", "reuse", "lat ms", "Hz", "speedup", "delay",
+                 "shadow cos", "full frames by reason"]
 
 
-def format_table(rows: list[dict[str, Any]], baseline: str | None) -> str:
-    """The final table, with a legend for the paired column when there is a baseline."""
-    headers = [h.format(baseline=baseline or "-") for h in SWEEP_HEADERS]
-    table = tables.format_table(headers, [_table_row(r, baseline) for r in rows], align="<<<<>>>><")
-    if baseline is None or not any("pairs" in r for r in rows):
-        return table
-    return (f"{table}\nvs {baseline}: -b/+c = paired episodes (same task, init state, seed) where only {baseline} "
-            f"succeeded / only the variant did;\n  p = exact McNemar test on those pairs (small p: the variants "
-            "really differ). Success: k/n, rate, 95% Wilson interval.")
+def format_table(rows: list[dict[str, Any]], baseline: str | dict[str, str | None] | None) -> str:
+    """The final table, with a legend for the paired and the latency columns."""
+    several = isinstance(baseline, dict) and len({b for b in baseline.values() if b}) > 1
+    name = "baseline" if several else (next(iter({b for b in baseline.values() if b}), None)
+                                       if isinstance(baseline, dict) else baseline)
+    headers = [h.format(baseline=name or "-") for h in SWEEP_HEADERS]
+    table = tables.format_table(headers, [_table_row(r) for r in rows], align="<<<<>>>>>><")
+    legend = ["lat ms / Hz / speedup: each frame's modelled cost under its latency model (the stages it ran, "
+              "priced at batch 1), not the batch's wall time;", "  delay: env steps a realtime chunk arrives late "
+              "(mean)."]
+    if name is not None and any("pairs" in r for r in rows):
+        who = "its baseline (none, same timing and latency model)" if several else name
+        legend.insert(0, f"vs {name}: -b/+c = paired episodes (same task, init state, seed) where only {who} "
+                         f"succeeded / only the variant did;\n  p = exact McNemar test on those pairs (small p: the "
+                         "variants really differ). Success: k/n, rate, 95% Wilson interval.")
+    return table + "\n" + "\n".join(legend)
 
 
-def _table_row(r: dict[str, Any], baseline: str | None) -> list[str]:
+def _table_row(r: dict[str, Any]) -> list[str]:
     success = "-" if r["success_rate"] is None else (
         f"{r['successes']}/{r['n']} {100 * r['success_rate']:.0f}% [{100 * r['wilson_low']:.0f}-{100 * r['wilson_high']:.0f}]")
     if "pairs" in r:
         paired = f"-{r['base_only']}/+{r['variant_only']} p={r['mcnemar_p']:.2f}"
     else:
-        paired = "(baseline)" if r["policy"] == baseline else "-"
+        paired = "(baseline)" if r["policy"] == r.get("baseline") else "-"
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["full_by_reason"].items(), key=lambda kv: -kv[1]))
     if r["errors"]:
         reasons = f"{reasons}  [{r['errors']} errors]".lstrip()
     fmt = tables.fmt
-    return [r["policy"], r["suite"], success, paired, fmt(r["reuse_rate"], ".0%"), fmt(r["latency_ms"], ".1f"),
-            fmt(r["speedup"], ".2f", "x"), fmt(r["shadow_cos_mean"], ".3f"), reasons]
+    return [r["policy"], r["suite"], success, paired, fmt(r["reuse_rate"], ".0%"), fmt(r.get("cost_ms"), ".1f"),
+            fmt(r.get("hz"), ".1f"), fmt(r["speedup"], ".2f", "x"), fmt(r.get("delay_steps"), ".1f"),
+            fmt(r["shadow_cos_mean"], ".3f"), reasons]
 
 
 def pick_baseline(labels: list[str], names: dict[str, str]) -> str | None:
@@ -112,3 +151,16 @@ def pick_baseline(labels: list[str], names: dict[str, str]) -> str | None:
         if names.get(label) == "none":
             return label
     return None
+
+
+def pick_baselines(variants: dict[str, dict[str, Any]]) -> dict[str, str | None]:
+    """{label: its baseline}: the first `none` variant of the same timing and latency model (variants:
+    label -> {"name", "timing", "latency", ...}; missing timing / latency: sync / calibrated)."""
+    def key(info: dict[str, Any]) -> tuple[str, str]:
+        return info.get("timing") or "sync", info.get("latency") or "calibrated"
+
+    out = {}
+    for label, info in variants.items():
+        out[label] = pick_baseline([l for l in variants if key(variants[l]) == key(info)],
+                                   {l: v["name"] for l, v in variants.items()})
+    return out

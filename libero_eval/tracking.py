@@ -33,6 +33,7 @@ from libero_eval.plots import overall_rows
 from libero_eval.report import REPLAY_SUMMARY, episode_metrics, latency_p95, load_run, task_rows
 from libero_eval.specs import EpisodeResult
 from libero_eval.store import RESULTS_FILE, ResultStore
+from libero_eval.execution import stored_latencies
 from libero_eval.sweep_summary import pick_baseline
 
 log = logging.getLogger("libero_eval")
@@ -40,7 +41,7 @@ log = logging.getLogger("libero_eval")
 LOGGED_MARKER = "logged.json"  # under <run_dir>/wandb: labels whose runs finished, with the keys they hold
 MAX_FRAME_ROWS = 200_000  # wandb.Table's own row limit
 FRAME_COLUMNS = ["episode", "suite", "task_id", "trial", "episode_success", "frame", "env_step", "decision",
-                 "reason", "shadow_cos"]
+                 "reason", "cost_ms", "delay_steps", "fallback_actions", "shadow_cos"]
 EPISODE_IDS = ("episode/key", "episode/suite", "episode/reason", "episode/task_id", "episode/trial", "episode/error")
 _SECRET_NAME = re.compile(r"api[_-]?key|token|secret|password|credential", re.IGNORECASE)
 
@@ -105,7 +106,8 @@ class SweepInfo:
 
     @classmethod
     def from_config(cls, config: SweepConfig) -> "SweepInfo":
-        variants = {v.label: {"name": v.name, **v.param_dict} for v in config.variants()}
+        variants = {v.label: {"name": v.name, **v.param_dict, "timing": v.execution.timing,
+                              "latency": v.execution.latency} for v in config.variants()}
         return cls(config.name, config.to_dict(), variants, config.trial_list(),
                    pick_baseline(list(variants), {k: v["name"] for k, v in variants.items()}))
 
@@ -177,7 +179,9 @@ def frame_rows(result: EpisodeResult) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"episode": result.key, "suite": result.suite, "task_id": result.task_id,
                                "trial": result.trial, "episode_success": result.success,
                                "frame": rec.get("index"), "env_step": rec.get("env_step"),
-                               "decision": rec.get("decision"), "reason": rec.get("reason")}
+                               "decision": rec.get("decision"), "reason": rec.get("reason"),
+                               "cost_ms": rec.get("cost_ms"), "delay_steps": rec.get("delay_steps"),
+                               "fallback_actions": rec.get("fallback_actions")}
         for name, value in (rec.get("signals") or {}).items():
             row[f"signal_{name}" if name in row else name] = value
         for stage, ms in (rec.get("latency_ms") or {}).items():
@@ -275,9 +279,10 @@ class WandbTracker(Tracker):
                         self._log_episode(run, r)
             pareto = {label: plots.success_vs_speedup(rows, highlight=label) for label in self._runs}
             bars = {label: plots.success_by_policy(rows, baseline, highlight=label) for label in self._runs}
+            latency = {label: plots.success_vs_latency(rows, highlight=label) for label in self._runs}
             for label in list(self._runs):
                 run = self._runs.pop(label)
-                self._log_final(run, label, by_label.get(label, []), rows, bars[label], pareto[label])
+                self._log_final(run, label, by_label.get(label, []), rows, bars[label], pareto[label], latency[label])
                 run.finish()
                 marker[label] = sorted(self._logged[label])
                 self._write_marker(marker)
@@ -303,7 +308,7 @@ class WandbTracker(Tracker):
                                "set WANDB_API_KEY)")
         run = wandb.init(
             project=self.settings.project, entity=self.settings.entity, group=self.sweep.name, job_type=label,
-            name=f"{self.sweep.name}-{label}", config=flat_config(self.sweep, label), tags=self.tags,
+            name=f"{self.sweep.name}-{label}", config=self._run_config(label), tags=self.tags,
             mode=self.settings.mode, dir=str(self.run_dir), reinit="create_new",
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, x_disable_meta=True,
                                     x_disable_machine_info=True, save_code=False, disable_git=True,
@@ -316,6 +321,15 @@ class WandbTracker(Tracker):
         for r in self._stored.pop(label, []):
             self._log_episode(run, r)
         return run
+
+    def _run_config(self, label: str) -> dict[str, Any]:
+        """flat_config plus the variant's latency model as the run directory fixed it (latency.json: the
+        calibrated stage times, or the named profile's)."""
+        config = flat_config(self.sweep, label)
+        model = stored_latencies(self.run_dir).get(self.sweep.variants.get(label, {}).get("latency"))
+        if isinstance(model, dict):
+            config.update({f"latency_profile.{k}": v for k, v in model.items()})
+        return config
 
     def _log_episode(self, run, result: EpisodeResult) -> None:
         import wandb  # ~1 s to import: only once a W&B run opens
@@ -342,7 +356,7 @@ class WandbTracker(Tracker):
         self._frames[label].extend(frame_rows(result))
 
     def _log_final(self, run, label: str, mine: list[EpisodeResult], rows: list[dict[str, Any]],
-                   bars_png: bytes, pareto_png: bytes) -> None:
+                   bars_png: bytes, pareto_png: bytes, latency_png: bytes) -> None:
         import wandb  # ~1 s to import: only once a W&B run opens
 
         for key in EPISODE_IDS:  # per-episode identifiers: their "last value" summary means nothing
@@ -362,6 +376,7 @@ class WandbTracker(Tracker):
             "policies": wandb.Table(columns=policy_columns, data=[[r.get(c) for c in policy_columns] for r in rows]),
             "plots/success_by_policy": wandb.Image(Image.open(io.BytesIO(bars_png))),
             "plots/success_vs_speedup": wandb.Image(Image.open(io.BytesIO(pareto_png))),
+            "plots/success_vs_latency": wandb.Image(Image.open(io.BytesIO(latency_png))),
         })
 
     def _replay(self) -> dict[str, Any] | None:
@@ -399,7 +414,6 @@ def summary_values(label: str, mine: list[EpisodeResult], rows: list[dict[str, A
                 out.update({f"full_by_reason/{reason}": n for reason, n in value.items()})
             elif key not in ("policy", "suite"):
                 out[key] = value
-        out["hz"] = 1000.0 / overall["latency_ms"] if overall["latency_ms"] else None
     out["latency_p95_ms"] = latency_p95(mine)
     for row in rows:
         if row["policy"] == label and row["suite"] != "ALL":

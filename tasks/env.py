@@ -27,10 +27,12 @@ if os.environ["MUJOCO_GL"] == "egl":
 
 import numpy as np
 
+from tasks import layout
 from tasks.privileged import privileged_state
 from tasks.registry import TaskInfo
 
 CAMERAS = ("agentview", "robot0_eye_in_hand")
+SEEDINGS = ("openpi", "per_episode")
 
 
 class RenderError(RuntimeError):
@@ -46,10 +48,18 @@ class EnvConfig:
     resolution: int = 256  # openpi's LIBERO_ENV_RESOLUTION
     lazy_render: bool = True  # render cameras only on steps whose images are read
     hard_reset: bool = True  # LIBERO's default (reload the model on every reset), as in openpi's eval
+    # openpi: each trial's fixtures where openpi's evaluation puts them (tasks/layout.py); per_episode:
+    # env.seed(paired episode seed) before each reset (libero-eval's protocol before openpi layouts)
+    seeding: str = "openpi"
 
     def __post_init__(self) -> None:
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or not 32 <= self.resolution <= 1024:
             raise ValueError(f"resolution: expected an integer camera size in 32..1024 pixels, got {self.resolution!r}")
+        if self.seeding not in SEEDINGS:
+            raise ValueError(f"seeding: expected one of {', '.join(SEEDINGS)}, got {self.seeding!r}")
+        if self.seeding == "openpi" and not self.hard_reset:
+            raise ValueError("seeding: openpi places the fixtures at each hard reset; it needs hard_reset: true "
+                             "(or use seeding: per_episode)")
 
 
 @dataclasses.dataclass
@@ -110,6 +120,16 @@ def _replay_clock(observable, n_updates: int, timestep: float) -> list[int]:
     return events
 
 
+def seed_scene(seeding: str, libero_env, task: TaskInfo, trial: int | None, seed: int,
+               layout_table: dict | None = None) -> None:
+    """Set numpy's global RNG so that `libero_env`'s next hard reset draws the scene of `trial` under
+    `seeding`: openpi's layout (tasks/layout.py; `seed` unused), or env.seed(seed) (per_episode)."""
+    if seeding == "openpi":
+        np.random.set_state(layout.openpi_state(task.suite, task.task_id, int(trial), layout_table))
+    else:
+        libero_env.seed(int(seed))
+
+
 def clear_gripper_commands(robosuite_env) -> None:
     """Start a soft-reset episode like a hard-reset one, whatever the previous episode did.
 
@@ -128,9 +148,10 @@ def clear_gripper_commands(robosuite_env) -> None:
 class LiberoEnv:
     """One LIBERO task's env (OffScreenRenderEnv, agentview + wrist cameras), reused across trials."""
 
-    def __init__(self, task: TaskInfo, config: EnvConfig | None = None):
+    def __init__(self, task: TaskInfo, config: EnvConfig | None = None, layout_table: dict | None = None):
         self.task = task
         self.config = config or EnvConfig()
+        self.layout_table = layout_table  # seeding openpi: None = the shipped table (tasks/layout.py)
         self.counters = EnvCounters()
         self._step_index = 0  # control steps since the last reset
         self._live_steps: dict[str, set[int]] = {c: set() for c in CAMERAS}
@@ -157,15 +178,20 @@ class LiberoEnv:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def reset(self, seed: int, init_state: np.ndarray, observe: bool = False) -> dict[str, Any]:
+    def reset(self, seed: int, init_state: np.ndarray, observe: bool = False, trial: int | None = None
+              ) -> dict[str, Any]:
         """Seed (before every reset: the env is reused across trials), reset, set the init state.
 
-        Returns the raw observation; it carries camera images only when `observe` is True.
+        Seeding `openpi` sets numpy's global RNG to the state openpi's evaluation has before `trial`'s reset
+        (so `seed` does not touch the scene); `per_episode` calls env.seed(seed). Returns the raw
+        observation; it carries camera images only when `observe` is True.
         """
+        if self.config.seeding == "openpi" and trial is None:
+            raise ValueError("seeding openpi places the scene by trial: reset(..., trial=k) is required")
         t0 = time.perf_counter()
         self._step_index = 0
         self._live_steps = {c: set() for c in CAMERAS}
-        self._env.seed(int(seed))
+        seed_scene(self.config.seeding, self._env, self.task, trial, seed, self.layout_table)
         self._in_reset = True
         try:
             self._env.reset()
@@ -195,6 +221,11 @@ class LiberoEnv:
     @property
     def step_index(self) -> int:
         return self._step_index
+
+    @property
+    def control_hz(self) -> float:
+        """Env steps per second of simulated time (robosuite's control_freq; 20 for LIBERO)."""
+        return float(self._robosuite.control_freq)
 
     def set_render_every_step(self, every_step: bool) -> None:
         """Render cameras on every step (e.g. a video at full fps), lazy or not."""

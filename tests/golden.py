@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "golden"
-# one task of each suite, trial 0
+# one task of each suite, trial 0: openpi's layout where the shipped table has it (the four main suites), the
+# paired per-episode seed's for libero_90
 GOLDEN_CASES = [("libero_spatial", 0), ("libero_object", 0), ("libero_goal", 0), ("libero_10", 0), ("libero_90", 0)]
+PER_EPISODE_SUITES = ("libero_90",)
 CAMERAS = {"agentview_image": "agentview", "robot0_eye_in_hand_image": "wrist"}
 
 
@@ -21,10 +23,11 @@ def golden_path(suite: str, task_id: int, camera: str) -> Path:
 def render_init_frames(suite: str, task_id: int) -> dict[str, np.ndarray]:
     from libero_eval.seeding import episode_seed
     from tasks import registry
-    from tasks.env import LiberoEnv
+    from tasks.env import EnvConfig, LiberoEnv
 
-    with LiberoEnv(registry.get_task(suite, task_id)) as env:
-        raw = env.reset(episode_seed(suite, task_id, 0), registry.init_state(suite, task_id, 0), observe=True)
+    config = EnvConfig(seeding="per_episode" if suite in PER_EPISODE_SUITES else "openpi")
+    with LiberoEnv(registry.get_task(suite, task_id), config) as env:
+        raw = env.reset(episode_seed(suite, task_id, 0), registry.init_state(suite, task_id, 0), observe=True, trial=0)
     return {short: np.array(raw[key]) for key, short in CAMERAS.items()}
 
 

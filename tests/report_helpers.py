@@ -59,7 +59,7 @@ def _records(label: str, task: int, trial: int) -> list[dict]:
             latency = {"vision": 20.0, "prefix": 50.0 if decision == "full" else 0.0, "denoise": 30.0,
                        "total": total}
         records.append({"index": i, "decision": decision, "reason": reason, "signals": signals,
-                        "latency_ms": latency, "env_step": 5 * i,
+                        "latency_ms": latency, "cost_ms": latency["total"], "delay_steps": 0, "env_step": 5 * i,
                         "extra": {"batch_size": 1, "queue_wait_ms": 1.5, "thresholds": thresholds}})
     return records
 

@@ -108,7 +108,7 @@ def test_rerendered_observations_equal_the_closed_loop_ones(recorded, spatial_en
         actions, frame_steps, images, wrist, states = (z[k] for k in ("actions", "frame_steps", "images",
                                                                         "wrist_images", "states"))
     env = spatial_env
-    env.reset(episode_seed("libero_spatial", 0, 2), registry.init_state("libero_spatial", 0, 2))
+    env.reset(episode_seed("libero_spatial", 0, 2), registry.init_state("libero_spatial", 0, 2), trial=2)
     env.expect_observation(protocol.NUM_STEPS_WAIT)
     for _ in range(protocol.NUM_STEPS_WAIT):
         raw, _ = env.step(protocol.DUMMY_ACTION)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from policies.base import STATE_KEY, ActionChunk, PolicyError
+from libero_eval.execution import frame_cost_us, load_named_profile
 from policies.serving.engine import Engine, Request, SessionLost
 from policies.serving.model import ModelConfig, make_engine
 from policies.serving.pi05 import Pi05Engine
@@ -26,6 +27,7 @@ VARIANTS = [
     variant("adaptive", "adaptive_cosine", window=3, pixel_mae=3.0, schedule="cosine"),
 ]
 FRAMES = 4
+THOR = load_named_profile("thor_trt_fp8")
 
 
 def episode(i: int) -> list[dict]:
@@ -63,8 +65,19 @@ def test_batch_of_many_sessions_is_bit_identical_to_one_by_one(model, batched):
                                                                         alone[t].record.reason)
             assert together.record.signals.keys() == alone[t].record.signals.keys()
             assert together.record.extra["compute"] == alone[t].record.extra["compute"]  # its own work only
+            assert frame_cost_us(together.record.to_dict(), THOR) == frame_cost_us(alone[t].record.to_dict(), THOR)
             max_diff = max(max_diff, float(np.abs(together.actions - alone[t].actions).max()))
     assert max_diff == 0.0  # bit-identical (the measured max difference, stated in the engine docstring)
+
+
+def test_a_reuse_frame_served_with_full_frames_costs_what_it_ran(batched):
+    """The batch's wall time is shared; the modelled cost is the frame's own: a reuse frame next to full
+    frames is billed the denoising loop only, as when it is served alone."""
+    full, reuse = batched[1][0].record, batched[1][1].record  # none (full) and fixed_window (reuse), one batch
+    assert (full.decision, reuse.decision) == ("full", "reuse")
+    assert full.latency_ms["total"] == reuse.latency_ms["total"]  # one batch, one wall time
+    assert frame_cost_us(full.to_dict(), THOR) == 174_000  # 17 + 52 + 10 x 10.2 + 3 (the tiny model: 10 steps)
+    assert frame_cost_us(reuse.to_dict(), THOR) == 105_000
 
 
 def test_one_batch_mixes_full_reuse_and_partial_decisions(batched):

@@ -34,7 +34,7 @@ def test_a_soft_reset_episode_does_not_depend_on_the_previous_one():
     from tasks.env import EnvConfig, LiberoEnv
 
     close = np.array([0.0] * 6 + [1.0])
-    with LiberoEnv(registry.get_task("libero_spatial", 0), EnvConfig(hard_reset=False)) as env:
+    with LiberoEnv(registry.get_task("libero_spatial", 0), EnvConfig(hard_reset=False, seeding="per_episode")) as env:
         settled = []
         for _ in range(2):
             env.reset(0, registry.init_state("libero_spatial", 0, 0))

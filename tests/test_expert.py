@@ -21,7 +21,7 @@ def _spec(trial: int, max_steps: int | None = None) -> EpisodeSpec:
 
 @pytest.mark.slow
 def test_privileged_state_describes_the_goal_and_objects(spatial_env):
-    spatial_env.reset(0, registry.init_state("libero_spatial", 0, 0))
+    spatial_env.reset(0, registry.init_state("libero_spatial", 0, 0), trial=0)
     priv = spatial_env.privileged()
     assert priv["goal"] == [["on", "akita_black_bowl_1", "plate_1"]]
     bowl = priv["objects"]["akita_black_bowl_1"]
@@ -77,7 +77,7 @@ def test_rotation_error_is_the_axis_angle_between_frames():
 
 def _drive(env, policy, trial: int) -> tuple[bool, list[str], np.ndarray]:
     """(done, phase per step, actions [T, 7]) of the expert driving `env` from the protocol's start."""
-    env.reset(0, registry.init_state("libero_spatial", 0, trial))
+    env.reset(0, registry.init_state("libero_spatial", 0, trial), trial=trial)
     for _ in range(protocol.NUM_STEPS_WAIT):
         env.step(protocol.DUMMY_ACTION)
     policy.reset("t", 0)

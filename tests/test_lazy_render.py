@@ -43,7 +43,7 @@ def test_lazy_env_matches_stock_env_on_every_query_step(suite, task_id, seed):
     finally:
         stock.close()
 
-    with LiberoEnv(task, EnvConfig(lazy_render=True)) as env:
+    with LiberoEnv(task, EnvConfig(lazy_render=True, seeding="per_episode")) as env:
         env.reset(seed, init)
         env.expect_observation(protocol.NUM_STEPS_WAIT)
         for step, a in enumerate(actions, 1):

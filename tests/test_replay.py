@@ -83,19 +83,22 @@ def test_format_table_aligns_numbers_right_and_text_left():
 
 def test_sweep_table_keeps_its_columns_and_numbers():
     base = {"policy": "none", "suite": "libero_spatial", "n": 6, "successes": 3, "success_rate": 0.5,
-            "wilson_low": 0.19, "wilson_high": 0.81, "errors": 0, "reuse_rate": 0.0, "latency_ms": 51.04,
-            "speedup": 1.0, "shadow_cos_mean": None, "full_by_reason": {"first_frame": 6, "every_frame": 20}}
+            "wilson_low": 0.19, "wilson_high": 0.81, "errors": 0, "reuse_rate": 0.0, "cost_ms": 51.04, "hz": 19.59,
+            "speedup": 1.0, "delay_steps": None, "baseline": "none", "shadow_cos_mean": None, "full_by_reason": {"first_frame": 6, "every_frame": 20}}
     cached = {**base, "policy": "fixed_window", "n": 5, "successes": 2, "success_rate": 0.4, "wilson_low": 0.12,
-              "wilson_high": 0.77, "errors": 1, "reuse_rate": 0.4, "latency_ms": 38.9, "speedup": 1.3123,
+              "wilson_high": 0.77, "errors": 1, "reuse_rate": 0.4, "cost_ms": 38.9, "hz": 25.7, "speedup": 1.3123,
+              "delay_steps": 2.5,
               "shadow_cos_mean": 0.98765, "full_by_reason": {"window": 3, "first_frame": 5}, "pairs": 5,
               "base_only": 1, "variant_only": 0, "mcnemar_p": 1.0}
     lines = sweep_table([base, cached], "none").splitlines()
     assert lines[0].split("  ")[0] == "policy" and "vs none" in lines[0] and "full frames by reason" in lines[0]
     assert lines[2].split() == ["none", "libero_spatial", "3/6", "50%", "[19-81]", "(baseline)", "0%", "51.0",
-                                "1.00x", "-", "every_frame", "20,", "first_frame", "6"]
+                                "19.6", "1.00x", "-", "-", "every_frame", "20,", "first_frame", "6"]
     assert lines[3].split() == ["fixed_window", "libero_spatial", "2/5", "40%", "[12-77]", "-1/+0", "p=1.00", "40%",
-                                "38.9", "1.31x", "0.988", "first_frame", "5,", "window", "3", "[1", "errors]"]
+                                "38.9", "25.7", "1.31x", "2.5", "0.988", "first_frame", "5,", "window", "3", "[1",
+                                "errors]"]
     assert lines[4].startswith("vs none: -b/+c = paired episodes") and "McNemar" in lines[5]  # the legend
+    assert lines[6].startswith("lat ms / Hz / speedup: each frame's modelled cost")
     assert "-b/+c" not in sweep_table([base], "none")  # no pairs, no legend
 
 
@@ -148,7 +151,8 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "no recorded sequences (*.npz)" in capsys.readouterr().err
     record(tmp_path, "ep0", 1)
     assert rp.run(parse([str(tmp_path), "--policy", "fixed_window:windw=2"])) == 2
-    assert "no parameter 'windw'; valid parameters: num_steps, schedule, solver, window" in capsys.readouterr().err
+    assert ("no parameter 'windw'; valid parameters: fallback, latency, num_steps, schedule, solver, timing, window"
+            in capsys.readouterr().err)
     assert rp.run(parse([str(tmp_path), "--policy", "hold"])) == 2
     assert rp.parse_policy("adaptive:window=3, pixel_mae=6.5") == {"name": "adaptive", "window": 3, "pixel_mae": 6.5}
 

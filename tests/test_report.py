@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import yaml
 
 from libero_eval.cli import main
 from libero_eval.report import ReportError, load_run, pick_timelines, write_report
@@ -130,6 +131,14 @@ def test_partial_resumed_and_plain_run_directories(tmp_path):
         store.append(r)
     assert main(["report", str(run_dir)]) == 0
     assert "complete: 12 of 12" in (run_dir / "summary.md").read_text()
+    assert "Scene layouts: openpi's evaluation layout for each init state" in (run_dir / "summary.md").read_text()
+    # a run directory from before env.seeding existed ran per-episode layouts
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del config["env"]["seeding"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    write_report(run_dir)
+    assert "Scene layouts: the paired per-episode seed's" in (run_dir / "summary.md").read_text()
+    assert "Scene layouts: the paired per-episode seed&#x27;s" in (run_dir / "report.html").read_text()
     assert "Offline fidelity" not in (run_dir / "report.html").read_text()
     # a `libero-eval run` directory: no config.yaml, variants from the results
     (run_dir / "config.yaml").unlink()

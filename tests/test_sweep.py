@@ -1,5 +1,6 @@
 """Sweeps on real Ray and real LIBERO (small): completion, driver interruption and resume (the faults done
 with SIGKILL are in test_faults.py)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -64,14 +65,20 @@ def test_interrupted_driver_resumes_without_duplicates_and_refuses_other_configs
     assert read_results(out) == lines
 
 
-def test_two_worker_smoke_sweep_completes_with_paired_records(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_two_workers(tmp_path_factory, ray_session):
     """The demo's config (the shipped small Pi0.5, 2 tasks x 2 trials x 3 variants), capped at 10 steps, on 2
-    workers."""
+    workers: (config, outcome, run directory)."""
+    config = load_config(CONFIGS / "smoke.yaml", ["max_steps=10", "wandb.enabled=false"])
+    out = tmp_path_factory.mktemp("smoke2") / "smoke"
+    return config, run_sweep(config, out, progress=False), out
+
+
+def test_two_worker_smoke_sweep_completes_with_paired_records(smoke_two_workers):
     from libero_eval.sweep_summary import pick_baseline, policy_rows
 
-    config = load_config(CONFIGS / "smoke.yaml", ["max_steps=10"])
-    outcome = run_sweep(config, tmp_path / "smoke", progress=False)
-    lines = read_results(tmp_path / "smoke")
+    config, outcome, out = smoke_two_workers
+    lines = read_results(out)
     assert len(lines) == len({l["key"] for l in lines}) == len(plan_episodes(config)) == 12
     assert all(l["status"] == "failure" and l["steps"] == 10 for l in lines)  # random weights never succeed
     for l in lines:
@@ -80,7 +87,7 @@ def test_two_worker_smoke_sweep_completes_with_paired_records(tmp_path):
         for r in l["records"]:
             assert r["decision"] in ("full", "reuse", "partial") and r["latency_ms"]["total"] > 0
             assert r["extra"]["batch_size"] >= 1 and r["extra"]["queue_wait_ms"] >= 0
-        assert (tmp_path / "smoke" / l["video"]).exists()
+        assert (out / l["video"]).exists()
     # task-affine scheduling: each worker keeps its env (2 tasks, 2 workers: at most one re-creation)
     assert len({l["env_stats"]["worker_pid"] for l in lines}) == 2
     assert max(l["env_stats"]["envs_created"] for l in lines) <= 2
@@ -95,6 +102,79 @@ def test_two_worker_smoke_sweep_completes_with_paired_records(tmp_path):
     assert [r["policy"] for r in rows] == sorted((v.label for v in variants), key=lambda l: (l != "none", l))
     assert rows[0]["policy"] == "none" and rows[0]["reuse_rate"] == 0.0
     assert all(r["pairs"] == 4 and r["mcnemar_p"] == 1.0 for r in rows[1:])
+
+
+def test_speedup_does_not_depend_on_the_number_of_workers(smoke_two_workers, tmp_path):
+    """The same sweep on 1 worker: every frame's cost, and so latency, Hz and speedup, equals the 2-worker
+    sweep's, though the batches differ (2 workers share the actor's batches, 1 never does). The 1-worker run
+    directory starts from the 2-worker one's latency.json (as a resumed sweep would): one calibration."""
+    import shutil
+
+    from libero_eval.execution import LATENCY_FILE
+    from libero_eval.sweep_summary import pick_baselines, policy_rows
+
+    config, two, two_dir = smoke_two_workers
+    calibrated = json.loads((two_dir / LATENCY_FILE).read_text())["calibrated"]
+    assert calibrated["name"] == "calibrated" and calibrated["prefix_ms"] > 0 and calibrated["images_per_frame"] == 2
+    one_dir = tmp_path / "one"
+    one_dir.mkdir()
+    shutil.copy(two_dir / LATENCY_FILE, one_dir / LATENCY_FILE)
+    one = run_sweep(load_config(CONFIGS / "smoke.yaml", ["max_steps=10", "wandb.enabled=false",
+                                                         "ray.num_workers=1"]), one_dir, progress=False)
+    batch_sizes = {w: [rec["extra"]["batch_size"] for r in o.results for rec in r.records]
+                   for w, o in (("one", one), ("two", two))}
+    assert max(batch_sizes["one"]) == 1  # (with 2 workers, requests that meet in time share a batch)
+    baselines = pick_baselines({v.label: v.describe() for v in config.variants()})
+    rows = {w: {r["policy"]: r for r in policy_rows(o.results, baselines)} for w, o in (("one", one), ("two", two))}
+    for label, row in rows["two"].items():
+        assert row["cost_ms"] > 0
+        for key in ("cost_ms", "hz", "speedup", "reuse_rate"):
+            assert rows["one"][label][key] == row[key], (label, key)
+    assert rows["two"]["fixed_window_window2"]["speedup"] > 1.0  # reuse frames skip vision and prefix
+
+
+def test_a_realtime_sweep_is_deterministic_and_renders_only_query_steps(tmp_path):
+    """timing: realtime under the Thor profile, through Ray, W&B (offline) and the report, twice: every
+    episode the same; chunks arrive 4 (full frame) or 3 (prefix reuse) env steps late; the env renders the
+    cameras exactly at the query steps; each variant is compared with the `none` of its own timing."""
+    overrides = ["trials=[40]", "max_steps=15", "latency=thor_trt_fp8", "wandb.videos=none", "ray.num_workers=1",
+                 "policies=[{name: none, timing: [sync, realtime]}, {name: fixed_window, window: 2, timing: realtime}]",
+                 "suites={libero_spatial: [0]}"]
+    config = load_config(CONFIGS / "smoke.yaml", overrides)
+    assert cli_main(["sweep", str(CONFIGS / "smoke.yaml"), "--out", str(tmp_path / "rt0"), "--no-progress",
+                     *overrides]) == 0
+    runs = [run_sweep(config, tmp_path / f"rt{i}", progress=False) for i in range(2)]  # rt0: all stored already
+    keep = ("index", "decision", "reason", "env_step", "cost_ms", "delay_steps", "fallback_actions")
+    views = [{r.key: (r.steps, r.success, [{k: rec[k] for k in keep} for rec in r.records]) for r in o.results}
+             for o in runs]
+    assert views[0] == views[1]
+    by_label = {r.policy_label: r for r in runs[0].results}
+    sync, realtime, cached = (by_label[l] for l in ("none_timingsync", "none_timingrealtime",
+                                                    "fixed_window_timingrealtime_window2"))
+    assert [rec["delay_steps"] for rec in sync.records] == [0] * len(sync.records)
+    assert [rec["env_step"] for rec in sync.records] == list(range(0, 15, 5))
+    # the small model encodes 2 camera slots: 17 ms x 2/3 + 52 + 10 x 10.2 + 3 = 168.3 ms, ceil(3.37) = 4 steps
+    assert {rec["cost_ms"] for rec in realtime.records} == {168.333}
+    assert {rec["delay_steps"] for rec in realtime.records} == {4}
+    assert [rec["env_step"] for rec in realtime.records] == list(range(0, 15, 5))  # delay 4 < replan 5
+    assert realtime.records[0]["fallback_actions"] == 4  # the first chunk is awaited on the fallback
+    assert [rec["delay_steps"] for rec in cached.records] == [4 if rec["decision"] == "full" else 3
+                                                              for rec in cached.records]
+    for r in runs[0].results:
+        assert r.env_stats["renders"] == 2 * len(r.records)  # both cameras, at the query steps only
+    from libero_eval.report import load_run, write_report
+
+    data = load_run(tmp_path / "rt0")
+    assert data.baselines == {"none_timingsync": "none_timingsync", "none_timingrealtime": "none_timingrealtime",
+                              "fixed_window_timingrealtime_window2": "none_timingrealtime"}
+    html_path, _ = write_report(tmp_path / "rt0")
+    assert "plot-sync-realtime" in html_path.read_text() and "plot-latency" in html_path.read_text()
+    from tests.wandb_reader import read_runs
+
+    summaries = {run.job_type: run.summary for run in read_runs(tmp_path / "rt0" / "wandb")}
+    assert summaries["none_timingrealtime"]["cost_ms"] == pytest.approx(168.333)
+    assert summaries["none_timingrealtime"]["delay_steps"] == pytest.approx(4.0)
+    assert summaries["fixed_window_timingrealtime_window2"]["speedup"] > 1.0
 
 
 def test_a_variant_that_does_not_fit_the_model_is_a_config_error_before_any_episode(tmp_path):

@@ -161,8 +161,8 @@ def test_videos_are_logged_decodable_and_captioned(logged):
 
 def test_summary_equals_what_the_result_store_says(logged):
     _, results, runs = logged
-    latency = {label: np.mean([rec["latency_ms"]["total"] for r in _mine(results, label) for rec in r.records])
-               for label in runs}
+    latency = {label: np.mean([rec["cost_ms"] for r in _mine(results, label) if r.status != "error"
+                               for rec in r.records]) for label in runs}
     for label, run in runs.items():
         scored = [r for r in _mine(results, label) if r.status != "error"]
         n, k = len(scored), sum(r.success for r in scored)
@@ -171,7 +171,7 @@ def test_summary_equals_what_the_result_store_says(logged):
         assert (s["n"], s["successes"], s["errors"]) == (n, k, len(_mine(results, label)) - n)
         assert s["success_rate"] == pytest.approx(k / n)
         assert (s["wilson_low"], s["wilson_high"]) == (pytest.approx(lo), pytest.approx(hi))
-        assert s["latency_ms"] == pytest.approx(latency[label])
+        assert s["cost_ms"] == pytest.approx(latency[label])
         assert s["hz"] == pytest.approx(1000 / latency[label])
         assert s["speedup"] == pytest.approx(latency[BASELINE] / latency[label])
         frames = [rec for r in scored for rec in r.records]
@@ -366,7 +366,7 @@ def test_report_relogs_a_finished_run_directory(tmp_path, logged):
     assert sorted(runs) == sorted(original)
     for label, run in runs.items():
         assert run.tags == ["relogged"] and run.group == "synth"
-        for key in ("success_rate", "wilson_low", "wilson_high", "latency_ms", "speedup", "reuse_rate"):
+        for key in ("success_rate", "wilson_low", "wilson_high", "cost_ms", "hz", "speedup", "reuse_rate"):
             assert run.summary[key] == pytest.approx(original[label].summary[key])
         assert len(run.table("frame_table")["data"]) == sum(len(r.records) for r in _mine(results, label))
         assert len([row for row in run.history if "rollout" in row]) == sum(1 for r in _mine(results, label) if r.video)

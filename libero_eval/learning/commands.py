@@ -79,6 +79,9 @@ def add_record_demos_parser(sub) -> None:
                    help="the expert's approaches as funnels: its height above the grasp point / the place height "
                         "shrinks by FUNNEL metres per metre of xy error instead of waiting at a gate (0: gated, "
                         "the validated expert; 2 gives labels without 'stay' points a policy can stall at)")
+    p.add_argument("--seeding", default="openpi", choices=("openpi", "per_episode"),
+                   help="scene layout of each (task, init state), as env.seeding in a sweep: openpi's evaluation "
+                        "layout (default) or the paired per-episode seed's")
     p.add_argument("--workers", default=2, type=positive, help="parallel processes (default 2)")
     p.add_argument("--out", default="data/demos", help="dataset directory (default data/demos)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -91,7 +94,7 @@ def run_record_demos(args: argparse.Namespace) -> int:
         settings = DemoSettings(tasks=args.tasks, trials=trials, held_out=held_out, image_size=args.image_size,
                                 every=args.every, max_steps=args.max_steps, noise=args.noise,
                                 noise_tau=args.noise_tau, noise_seed=args.noise_seed,
-                                place_tolerance=args.place_tolerance, funnel=args.funnel)
+                                place_tolerance=args.place_tolerance, funnel=args.funnel, seeding=args.seeding)
         t0 = time.perf_counter()
         rows = record_demos(settings, args.out, workers=args.workers, progress=not args.no_progress)
     except ValueError as exc:  # DemoError, a bad suite / task / trial

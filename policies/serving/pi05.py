@@ -44,6 +44,7 @@ from policies.pi05.processing import Pi05Processor
 from policies.pi05.sampling import EVALUATIONS_PER_STEP
 from policies.pi05.stages import Pi05Inputs, Prefix, PrefixKV
 from policies.serving.engine import Engine, Request, batch_info
+from policies.serving.latency import LatencyProfile, calibrate
 from policies.serving.noise import sample_noise
 from policies.serving.variants import DenoiseSettings, PolicyVariant
 
@@ -139,6 +140,10 @@ class Pi05Engine(Engine):
             return session.describe()
         return {"name": session.variant.name, "label": session.variant.label, "model": self.label,
                 **session.variant.param_dict, **dataclasses.asdict(session.denoise)}
+
+    def calibrate(self, repeats: int = 5) -> LatencyProfile:
+        """Per-stage times of this model on its device at batch 1 (what `calibrated` latency prices)."""
+        return calibrate(self.stages, self.config, self.device, repeats=repeats)
 
     # ---- serving
 

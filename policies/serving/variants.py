@@ -3,6 +3,7 @@
     variant = PolicyVariant.make("adaptive_w3", "adaptive", {"window": 3, "pixel_mae": 6.5})
     variant.policy     # AdaptiveConfig(window=3, pixel_mae=6.5): the policy's own typed config
     variant.denoise    # DenoiseSettings(num_steps=None, ...): Pi0.5 paths only (None for model-free ones)
+    variant.execution  # ExecutionSettings(timing="sync", latency="calibrated", fallback="hold"): every variant
 
 A variant's raw parameters are split by axis: the denoising knobs go to `DenoiseSettings`, the rest to the
 named policy's config dataclass. A new axis (episode timing, a latency model, noise repeats) is one more
@@ -53,11 +54,45 @@ class DenoiseSettings:
         return self if self.num_steps is not None else dataclasses.replace(self, num_steps=default_steps)
 
 
+TIMINGS = ("sync", "realtime")
+FALLBACKS = ("hold", "repeat_last")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionSettings:
+    """How the closed loop runs a variant's chunks and prices its frames (every variant, model-free too).
+
+    timing: sync (the simulator waits for the policy) | realtime (it does not: a chunk arrives
+    ceil(cost x control rate) env steps after its query; libero_eval/execution.py). latency: the model that
+    prices a frame (policies/serving/latency.py): `calibrated`, `measured` or a profile name. fallback: what
+    the robot does in realtime when it runs out of actions: hold (zero motion, last gripper command) or
+    repeat_last (the last action again)."""
+
+    timing: str = "sync"
+    latency: str = "calibrated"
+    fallback: str = "hold"
+
+    def __post_init__(self) -> None:
+        if self.timing not in TIMINGS:
+            raise ValueError(f"timing: expected one of {', '.join(TIMINGS)}, got {self.timing!r}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback: expected one of {', '.join(FALLBACKS)}, got {self.fallback!r}")
+        if not isinstance(self.latency, str) or not self.latency:
+            raise ValueError(f"latency: expected a latency model name, got {self.latency!r}")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What a variant is compared within: the baseline of the same timing and latency model."""
+        return self.timing, self.latency
+
+
 # Policies without a model: name -> (Policy class, its config dataclass). Pi0.5 cache policies: policies.cache.
 MODEL_FREE: dict[str, tuple[type[Policy], type]] = {"hold": (HoldPolicy, HoldConfig), "expert": (ExpertPolicy, ExpertParams)}
 POLICY_NAMES = (*MODEL_FREE, *CACHE_POLICY_NAMES)
-# Per-variant axes besides the policy's own parameters: axis -> config class. Pi0.5 paths only.
+# Per-variant axes besides the policy's own parameters: axis -> config class. Pi0.5 paths only ...
 AXES: dict[str, type] = {"denoise": DenoiseSettings}
+# ... and for every variant
+GENERAL_AXES: dict[str, type] = {"execution": ExecutionSettings}
 
 
 def config_class(name: str) -> type:
@@ -106,6 +141,7 @@ class PolicyVariant:
     params: tuple[tuple[str, Any], ...]  # sorted (key, value) pairs
     policy: Any  # the policy's config dataclass (policies.cache.*Config, HoldConfig, ExpertParams)
     denoise: DenoiseSettings | None = None  # Pi0.5 paths only
+    execution: ExecutionSettings = ExecutionSettings()
 
     @property
     def param_dict(self) -> dict[str, Any]:
@@ -129,22 +165,26 @@ class PolicyVariant:
         return self.policy_class.needs_privileged
 
     def describe(self) -> dict[str, Any]:
-        return {"label": self.label, "name": self.name, **self.param_dict}
+        return {"label": self.label, "name": self.name, **self.param_dict, **dataclasses.asdict(self.execution)}
 
     @classmethod
-    def make(cls, label: str, name: str, params: dict[str, Any] | None = None) -> PolicyVariant:
-        """Validate `params` for policy `name` and split them by axis; errors name the key and the value."""
+    def make(cls, label: str, name: str, params: dict[str, Any] | None = None,
+             defaults: dict[str, Any] | None = None) -> PolicyVariant:
+        """Validate `params` for policy `name` and split them by axis; errors name the key and the value.
+        `defaults` fill the general axes' fields the params leave out (the sweep's episode.timing, latency,
+        ...); they are not part of `params` (labels, results)."""
         params = dict(params or {})
         policy_cls = config_class(name)
-        axis_fields = {} if name in MODEL_FREE else {f.name: axis for axis, c in AXES.items()
-                                                     for f in dataclasses.fields(c)}
+        axes = {**GENERAL_AXES, **({} if name in MODEL_FREE else AXES)}
+        axis_fields = {f.name: axis for axis, c in axes.items() for f in dataclasses.fields(c)}
         valid = set(parameter_types(policy_cls)) | set(axis_fields)
         for key in params:
             if key not in valid:
                 raise VariantError(f"policy {name!r} has no parameter {key!r}; valid parameters: "
                                    f"{', '.join(sorted(valid)) or 'none'}")
         try:
-            by_axis = {axis: _build(AXES[axis], {k: v for k, v in params.items() if axis_fields.get(k) == axis}, name)
+            by_axis = {axis: _build(axes[axis], {**{k: v for k, v in (defaults or {}).items() if axis_fields.get(k) == axis},
+                                                 **{k: v for k, v in params.items() if axis_fields.get(k) == axis}}, name)
                        for axis in set(axis_fields.values())}
             policy = _build(policy_cls, {k: v for k, v in params.items() if k not in axis_fields}, name)
         except (TypeError, ValueError) as exc:
@@ -152,4 +192,4 @@ class PolicyVariant:
                 raise
             raise VariantError(f"policy {label!r}: {exc}") from None
         return cls(label=label, name=name, params=tuple(sorted(params.items())), policy=policy,
-                   denoise=by_axis.get("denoise"))
+                   denoise=by_axis.get("denoise"), execution=by_axis["execution"])
