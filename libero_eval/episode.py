@@ -223,7 +223,7 @@ def run_episode(
                 next_query = executor.issue(steps, chunk.actions, cost_us, last_record)
                 if writer is not None and settings.video == "query" and protocol.AGENTVIEW in raw:
                     frame(raw, steps)
-                if images_at(next_query):
+                if next_query < spec.max_steps and images_at(next_query):  # never render past the last step
                     env.expect_observation(next_query - steps)
             action, _fallback = executor.action(steps)
             try:

@@ -163,3 +163,30 @@ def test_the_builder_measures_the_shipped_entries_and_checks_them_in_a_second_en
 
     entries = layout_build.build_task("libero_goal", 1, trials=2, check="layout")
     assert entries == layout.read_table()["suites"]["libero_goal"]["1"][:2]
+
+
+def test_an_old_run_directory_resumes_per_episode_and_a_changed_table_is_refused(tmp_path):
+    import json
+
+    import yaml
+
+    from libero_eval.sweep import SCENES_FILE, prepare_run_dir
+
+    old = load_config(None).to_dict()
+    del old["env"]["seeding"], old["latency"], old["episode"]["timing"], old["episode"]["fallback"]
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="env.seeding: stored 'per_episode', now 'openpi'.*\n"
+                                          "To resume it as it was made, add env.seeding=per_episode"):
+        prepare_run_dir(load_config(None), run_dir)
+    prepare_run_dir(load_config(None, ["env.seeding=per_episode"]), run_dir)  # resumes
+    assert json.loads((run_dir / SCENES_FILE).read_text()) == {"seeding": "per_episode", "openpi_table_sha256": None}
+
+    new_dir = tmp_path / "new"
+    prepare_run_dir(load_config(None), new_dir)
+    stored = json.loads((new_dir / SCENES_FILE).read_text())
+    assert stored["seeding"] == "openpi" and len(stored["openpi_table_sha256"]) == 64
+    (new_dir / SCENES_FILE).write_text(json.dumps({**stored, "openpi_table_sha256": "0" * 64}))  # a rebuilt table
+    with pytest.raises(ConfigError, match="other openpi layout-table entries"):
+        prepare_run_dir(load_config(None), new_dir)
