@@ -225,11 +225,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise
     variants = config.variants()
     baseline = pick_baseline([v.label for v in variants], {v.label: v.name for v in variants})
-    rows = policy_rows(outcome.results, pick_baselines({v.label: v.describe() for v in variants}))
+    baselines = pick_baselines({v.label: v.describe() for v in variants})
+    rows = policy_rows(outcome.results, baselines)
     (out / "summary.json").write_text(json.dumps({"rows": rows, "actor": outcome.actor_stats}, indent=2, default=str))
     tracker.finish(outcome.results, rows, baseline)
     print()
-    print(format_table(rows, pick_baselines({v.label: v.describe() for v in variants})))
+    print(format_table(rows, baselines))
     if config.model.kind == "tiny" and any(v.name not in MODEL_FREE for v in variants):
         print("\nNOTE: the model has random weights (model.kind=tiny): success rates mean nothing here and need "
               "a real checkpoint (model.kind=checkpoint). What differs between policies is above: decisions, "
