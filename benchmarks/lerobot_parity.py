@@ -17,6 +17,13 @@ benchmarks/results/lerobot_parity.json with the max |difference|.
 Two action comparisons are reported, because the samplers' time grids differ by design (spec C, J.7):
 `actions_default` uses our API (openpi's accumulated t += dt), `actions_same_grid` feeds our velocity
 the LeRobot grid t = 1 + k*dt, isolating the model.
+
+Real-time chunking (`rtc`): for each prefix schedule x inference delay in RTC_CASES, LeRobot's PI05 with
+`RTCConfig(enabled=True, ...)` samples a chunk guided towards a seeded leftover ([B, 5, 7], the robot's
+unpadded actions as LeRobot's action queue holds them) with `sample_actions(..., inference_delay=d,
+prev_chunk_left_over=leftover)`; ours builds the same guidance through the serving path
+(policies/serving/rtc.py `plan_guidance` from a session's chunk in flight) and denoises with it, on both
+grids as above.
 """
 from __future__ import annotations
 
@@ -36,6 +43,11 @@ VISION = {"width": 32, "depth": 2, "num_heads": 2, "mlp_dim": 4304}
 VLM = {"width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 8, "num_kv_heads": 1, "head_dim": 16}
 EXPERT = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 8, "num_kv_heads": 1, "head_dim": 16}
 HORIZON, TOKENS, BATCH, STEPS, SEED = 10, 48, 2, 10, 0
+# RTC: (LeRobot schedule, inference delay, max guidance weight); leftover of LEFTOVER actions, LeRobot's
+# default execution_horizon (10, clipped to the leftover)
+RTC_CASES = [("LINEAR", 1, 10.0), ("LINEAR", 3, 10.0), ("EXP", 1, 5.0), ("EXP", 3, 5.0), ("ZEROS", 2, 10.0),
+             ("ONES", 4, 10.0)]
+LEFTOVER, RTC_HORIZON = 5, 10
 
 
 def reference(out_dir: Path) -> None:
@@ -108,8 +120,21 @@ def reference(out_dir: Path) -> None:
                                                       past_key_values=None, inputs_embeds=[prefix_embs, None],
                                                       use_cache=True)
         velocity = model.denoise_step(prefix_pad, past, noise.clone(), torch.ones(BATCH))
+    leftover = torch.randn(BATCH, LEFTOVER, 7, generator=gen)
+    rtc = {}
+    from lerobot.configs import RTCAttentionSchedule
+    from lerobot.policies.rtc.configuration_rtc import RTCConfig
+    for schedule, delay, beta in RTC_CASES:
+        policy.config.rtc_config = RTCConfig(enabled=True, prefix_attention_schedule=RTCAttentionSchedule[schedule],
+                                             max_guidance_weight=beta, execution_horizon=RTC_HORIZON)
+        policy.init_rtc_processor()
+        with torch.no_grad():
+            rtc[f"rtc_{schedule}_{delay}"] = model.sample_actions(
+                img_list, mask_list, tokens, token_masks, noise=noise.clone(), num_steps=STEPS,
+                inference_delay=delay, prev_chunk_left_over=leftover.clone()).contiguous()
     save_file({"images": images, "image_masks": image_masks, "tokens": tokens, "token_masks": token_masks,
-               "noise": noise, "actions": actions.contiguous(), "velocity_t1": velocity.contiguous()},
+               "noise": noise, "actions": actions.contiguous(), "velocity_t1": velocity.contiguous(),
+               "leftover": leftover, **rtc},
               str(out_dir / "io.safetensors"))
     (out_dir / "reference.json").write_text(json.dumps({
         "lerobot": lerobot.__version__, "torch": torch.__version__,
@@ -147,6 +172,7 @@ def compare(out_dir: Path, result_path: Path) -> dict:
             v, _ = model.predict_velocity(kv, prefix.pad_mask, x, torch.tensor(1.0 + k * dt, dtype=torch.float32))
             x = x + dt * v
     ref = io["actions"]
+    rtc = _compare_rtc(model, kv, prefix.pad_mask, noise, io)
     result = {
         "reference": json.loads((out_dir / "reference.json").read_text()),
         "ours": {"torch": torch.__version__, "python": platform.python_version(), "layout": report.layout,
@@ -159,10 +185,47 @@ def compare(out_dir: Path, result_path: Path) -> dict:
             "actions_same_grid": float((x - ref).abs().max()),
             "actions_default": float((actions - ref).abs().max()),
         },
+        "rtc": rtc,
     }
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _compare_rtc(model, kv, mask, noise, io) -> dict:
+    """Each RTC case through our serving path's guidance, on our grid and on LeRobot's."""
+    import torch
+
+    from policies.pi05.rtc import guided_velocity
+    from policies.serving.rtc import ChunkInFlight, plan_guidance
+    from policies.serving.variants import RTCSettings
+    from policies.pi05.rtc import Guidance
+
+    out = {}
+    step = HORIZON - LEFTOVER  # a query LEFTOVER actions before the end of the chunk in flight
+    for schedule, delay, beta in RTC_CASES:
+        settings = RTCSettings(rtc_schedule=schedule.lower(), rtc_max_guidance=beta, rtc_horizon=RTC_HORIZON)
+        plans = []
+        for row in range(BATCH):
+            chunk = torch.zeros(HORIZON, 32)
+            chunk[:step] = torch.randn(step, 32)  # already executed: must not matter
+            chunk[step:, :7] = io["leftover"][row]
+            chunk[step:, 7:] = torch.randn(LEFTOVER, 25)  # the model's padding dims: LeRobot never sees them
+            plans.append(plan_guidance(settings, ChunkInFlight(chunk, 0), step, lambda guided: delay, HORIZON, 32))
+        guidance = Guidance.concat([p.guidance for p in plans])
+        with torch.no_grad():
+            ours = model.denoise(kv, mask, noise, STEPS, guidance=guidance).actions
+            dt, x = -1.0 / STEPS, noise
+            for k in range(STEPS):
+                t = torch.tensor(1.0 + k * dt, dtype=torch.float32)
+                v = guided_velocity(lambda y: model.predict_velocity(kv, mask, y, t)[0], x, float(t), guidance)
+                x = x + dt * v
+        ref = io[f"rtc_{schedule}_{delay}"]
+        out[f"{schedule.lower()}_d{delay}_beta{beta:g}"] = {
+            "same_grid": float((x - ref).abs().max()), "default": float((ours - ref).abs().max()),
+            "guidance_effect": float((ref - io["actions"]).abs().max()),  # how far RTC moved LeRobot's chunk
+            "weights": [round(float(w), 4) for w in plans[0].guidance.weights[0, :, 0]]}
+    return out
 
 
 def main() -> None:
@@ -183,6 +246,9 @@ def main() -> None:
                            check=True)
         result = compare(work, args.out)
     print(json.dumps(result["max_abs_diff"], indent=2))
+    for case, diff in result["rtc"].items():
+        print(f"rtc {case}: same grid {diff['same_grid']:.2e}, default grid {diff['default']:.2e} "
+              f"(guidance moved the chunk by up to {diff['guidance_effect']:.3f}); weights {diff['weights']}")
     print(f"max |action| {result['max_abs_action']:.3f}; wrote {args.out}")
 
 

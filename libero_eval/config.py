@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from libero_eval.episode import EpisodeConfig
-from libero_eval.execution import check_latency_name
+from libero_eval.execution import check_latency_name, check_prices_vjp
 from policies.serving.latency import LatencyError
 from policies.serving.model import ModelConfig
 from policies.serving.variants import PolicyVariant
@@ -91,7 +91,8 @@ class SweepConfig:
         return expand_variants(self.policies, self.execution_defaults())
 
     def execution_defaults(self) -> dict[str, Any]:
-        return {"timing": self.episode.timing, "latency": self.latency, "fallback": self.episode.fallback}
+        return {"timing": self.episode.timing, "latency": self.latency, "fallback": self.episode.fallback,
+                "execution": self.episode.execution}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,7 +107,7 @@ def execution_defaults(stored: dict[str, Any]) -> dict[str, Any]:
     """The sweep-level execution defaults of a stored config.yaml (older ones: sync, calibrated, hold)."""
     episode = stored.get("episode") or {}
     return {"timing": episode.get("timing", "sync"), "latency": stored.get("latency", "calibrated"),
-            "fallback": episode.get("fallback", "hold")}
+            "fallback": episode.get("fallback", "hold"), "execution": episode.get("execution", "naive")}
 
 
 def _format_value(value: Any) -> str:
@@ -286,6 +287,8 @@ def validate(config: SweepConfig) -> None:
     for variant in config.variants():  # builds (and so validates) every variant
         try:
             check_latency_name(variant.execution.latency)
+            if variant.execution.execution == "rtc" and variant.rtc.rtc_jacobian == "model":
+                check_prices_vjp(variant.execution.latency)
         except LatencyError as exc:
             raise ConfigError(f"latency ({variant.label}): {exc}") from None
 

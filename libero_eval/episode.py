@@ -21,8 +21,8 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from policies.base import IMAGE_KEY, PRIVILEGED_KEY, PROMPT_KEY, STATE_KEY, WRIST_IMAGE_KEY, Policy
-from policies.serving.variants import ExecutionSettings
+from policies.base import IMAGE_KEY, PRIVILEGED_KEY, PROMPT_KEY, STATE_KEY, STEP_KEY, WRIST_IMAGE_KEY, Policy
+from policies.serving.variants import EXECUTIONS, ExecutionSettings
 from tasks import protocol, registry
 from tasks.env import LiberoEnv, RenderError
 from tasks.video import VideoWriter, hud_frame
@@ -73,13 +73,17 @@ class EpisodeConfig:
     record_observations: bool = False
     # the default execution of every variant (a variant may set its own: `timing: [sync, realtime]`):
     # sync = the simulator waits for the policy; realtime = chunks arrive ceil(cost x 20 Hz) steps late
-    # (libero_eval/execution.py); fallback = what runs when the robot has no action left (realtime)
+    # (libero_eval/execution.py); fallback = what runs when the robot has no action left (realtime);
+    # execution (realtime) = naive | rtc (real-time chunking: each chunk inpaints the one still executing)
     timing: str = "sync"
     fallback: str = "hold"
+    execution: str = "naive"
 
     def __post_init__(self) -> None:
         if self.video not in VIDEO_MODES:
             raise ValueError(f"video: expected one of {VIDEO_MODES}, got {self.video!r}")
+        if self.execution not in EXECUTIONS:  # rtc with sync timing is refused per variant (a variant may set timing)
+            raise ValueError(f"execution: expected one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
         ExecutionSettings(timing=self.timing, fallback=self.fallback)  # checks both (its messages name the key)
         for name in ("replan_steps", "num_steps_wait", "video_fps"):
             if getattr(self, name) < 1:
@@ -208,6 +212,7 @@ def run_episode(
                 except Exception as exc:
                     raise _EpisodeError("env_error", exc) from exc
                 obs = policy_observation(raw, task.language, privileged, images=needs_images)
+                obs[STEP_KEY] = steps
                 if settings.record_observations:
                     recorded.append((steps, obs))
                 try:
@@ -221,6 +226,11 @@ def run_episode(
                     last_record["cost_ms"] = cost_us / 1000
                 records.append(last_record)
                 next_query = executor.issue(steps, chunk.actions, cost_us, last_record)
+                guided = (last_record.get("extra") or {}).get("rtc")
+                if guided is not None and guided["delay_steps"] != last_record["delay_steps"]:
+                    raise RuntimeError(f"RTC guided query {len(records) - 1} for a delay of {guided['delay_steps']} "
+                                       f"steps but its chunk arrives {last_record['delay_steps']} steps late: the "
+                                       "policy actor and this worker price frames differently")
                 if writer is not None and settings.video == "query" and protocol.AGENTVIEW in raw:
                     frame(raw, steps)
                 if next_query < spec.max_steps and images_at(next_query):  # never render past the last step

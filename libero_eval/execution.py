@@ -17,6 +17,10 @@
   max_steps.
 A frame's cost comes from the variant's latency model (policies/serving/latency.py), never from a clock,
 so a realtime episode is as deterministic and as paired as a synchronous one.
+
+**realtime, execution rtc** runs the same clock; only the chunks differ: each is sampled as an inpainting
+of the chunk still executing (real-time chunking; policies/serving/rtc.py), for the delay d this executor
+then applies (the policy actor prices the frame with the same latency model, before denoising it).
 """
 from __future__ import annotations
 
@@ -57,6 +61,13 @@ def check_latency_name(name: str) -> None:
     """Fail early (config load) on a latency model that does not exist or does not parse."""
     if name not in (CALIBRATED, MEASURED):
         load_named_profile(name)
+
+
+def check_prices_vjp(name: str) -> None:
+    """RTC with the model jacobian needs a latency model that prices its VJP (calibrated measures it)."""
+    if name not in (CALIBRATED, MEASURED) and load_named_profile(name).vjp_eval_ms is None:
+        raise LatencyError(f"profile {name!r} has no vjp_eval_ms, so it cannot price rtc_jacobian: model (a VJP "
+                           "per guided evaluation); add one with its source, or use rtc_jacobian: identity")
 
 
 def frame_cost_us(record: dict[str, Any], model: LatencyModel) -> int:

@@ -195,31 +195,44 @@ def success_vs_latency(rows: list[dict[str, Any]], highlight: str | None = None)
     return _png(fig)
 
 
+MODES = ("sync", "naive", "rtc")  # how a variant executes: sync, realtime naive, realtime RTC
+MODE_LABELS = {"sync": "sync", "naive": "realtime (naive)", "rtc": "realtime (RTC)"}
+
+
+def execution_mode(row: dict[str, Any]) -> str:
+    if row.get("timing", "sync") == "sync":
+        return "sync"
+    return "rtc" if row.get("execution") == "rtc" else "naive"
+
+
 def sync_vs_realtime(rows: list[dict[str, Any]]) -> bytes | None:
-    """Per variant run both ways, success in sync beside realtime (Wilson bars); None when no variant was."""
+    """Per variant run more than one way (sync, realtime naive, realtime RTC), success side by side (Wilson
+    bars); None when no variant was."""
     by_family: dict[str, dict[str, dict[str, Any]]] = {}
     for r in overall_rows(rows):
-        by_family.setdefault(r.get("family", r["policy"]), {})[r.get("timing", "sync")] = r
-    pairs = [(f, t) for f, t in by_family.items() if {"sync", "realtime"} <= set(t)]
+        by_family.setdefault(r.get("family", r["policy"]), {})[execution_mode(r)] = r
+    pairs = [(f, t) for f, t in by_family.items() if len(t) > 1]
     if not pairs:
         return None
-    fig = Figure(figsize=(max(4.5, 1.6 * len(pairs) + 2), 3.8))
+    modes = [m for m in MODES if any(m in t for _, t in pairs)]
+    fig = Figure(figsize=(max(4.5, 0.6 * len(modes) * len(pairs) + 2), 3.8))
     ax = fig.add_subplot()
-    width = 0.38
-    for j, timing in enumerate(("sync", "realtime")):
-        rs = [t[timing] for _, t in pairs]
-        rates = [r["success_rate"] or 0.0 for r in rs]
-        bars = [_error_lengths(rate, r) for rate, r in zip(rates, rs)]
-        xs = [i + (j - 0.5) * width for i in range(len(pairs))]
-        ax.bar(xs, rates, width, color=BASELINE_COLOUR if timing == "sync" else BAR_COLOUR, label=timing,
+    width = 0.8 / len(modes)
+    colours = {"sync": BASELINE_COLOUR, "naive": BAR_COLOUR, "rtc": HIGHLIGHT_COLOUR}
+    for j, mode in enumerate(modes):
+        present = [(i, t[mode]) for i, (_, t) in enumerate(pairs) if mode in t]
+        rates = [r["success_rate"] or 0.0 for _, r in present]
+        bars = [_error_lengths(rate, r) for rate, (_, r) in zip(rates, present)]
+        xs = [i + (j - (len(modes) - 1) / 2) * width for i, _ in present]
+        ax.bar(xs, rates, width, color=colours[mode], label=MODE_LABELS[mode],
                yerr=[[b[0] for b in bars], [b[1] for b in bars]], capsize=3, ecolor="black")
-        for x, r in zip(xs, rs):
+        for x, (_, r) in zip(xs, present):
             ax.annotate(f"{r['successes']}/{r['n']}", (x, 0.02), ha="center", color="white", fontsize=7)
-    labels = [t["sync"]["policy"].replace("_timingsync", "") for _, t in pairs]
+    labels = [min((r["policy"] for r in t.values()), key=len) for _, t in pairs]
     ax.set_xticks(list(range(len(pairs))), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate (95% Wilson)")
-    ax.set_title("Sync vs realtime, per variant")
+    ax.set_title("Sync vs realtime (naive, RTC), per variant")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)

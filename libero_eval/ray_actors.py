@@ -19,9 +19,10 @@ import torch
 from libero_eval.episode import EpisodeConfig, PolicyUnavailable, run_episode
 from libero_eval.execution import LatencyModel
 from libero_eval.specs import EpisodeSpec
-from policies.base import IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_IMAGE_KEY, ActionChunk, Policy
+from policies.base import IMAGE_KEY, PROMPT_KEY, STATE_KEY, STEP_KEY, WRIST_IMAGE_KEY, ActionChunk, Policy
 from policies.serving.batcher import Batcher
 from policies.serving.engine import Request, SessionLost
+from policies.serving.latency import LatencyProfile, RealtimeClock
 from policies.serving.model import ModelConfig, make_engine
 from policies.serving.variants import PolicyVariant
 from tasks import registry
@@ -35,6 +36,8 @@ WARMUP_OBSERVATION = {
     STATE_KEY: np.zeros(8, dtype=np.float32),
     PROMPT_KEY: "warm up",
 }
+# warm-up of RTC sessions: frames cost nothing, so the second query is guided with delay 0
+WARMUP_CLOCK = RealtimeClock(LatencyProfile("warmup", 0.0, 0.0, 0.0, vjp_eval_ms=0.0), 20.0)
 
 
 @ray.remote
@@ -59,11 +62,14 @@ class PolicyActor:
         t0 = time.perf_counter()
         for variant in variants:
             session = f"__warmup__/{variant.label}"
-            self.engine.open(session, variant, 0)
+            rtc = variant.execution.execution == "rtc"  # two queries: the second one guided
+            self.engine.open(session, variant, 0, WARMUP_CLOCK if rtc else None)
             try:
-                (result,) = self.engine.infer_batch([Request(session, dict(WARMUP_OBSERVATION))])
-                if isinstance(result, BaseException):
-                    log.warning("warm-up of %s failed: %s", variant.label, result)
+                for step in (0, 5) if rtc else (None,):
+                    observation = {**WARMUP_OBSERVATION, **({} if step is None else {STEP_KEY: step})}
+                    (result,) = self.engine.infer_batch([Request(session, observation)])
+                    if isinstance(result, BaseException):
+                        log.warning("warm-up of %s failed: %s", variant.label, result)
             finally:
                 self.engine.close(session)
         return (time.perf_counter() - t0) * 1e3
@@ -71,8 +77,10 @@ class PolicyActor:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def open(self, session_id: str, label: str, seed: int) -> None:
-        await self._run(self.engine.open, session_id, self.variants[label], seed)
+    async def open(self, session_id: str, label: str, seed: int, clock: dict[str, Any] | None = None) -> None:
+        """`clock` (RealtimeClock.to_dict()): execution rtc variants only."""
+        realtime_clock = None if clock is None else RealtimeClock.from_dict(clock)
+        await self._run(self.engine.open, session_id, self.variants[label], seed, realtime_clock)
 
     async def close(self, session_id: str) -> None:
         await self._run(self.engine.close, session_id)
@@ -110,9 +118,10 @@ class RemotePolicy(Policy):
     Infrastructure failures are told apart by exception type, through Ray's wrapping: the actor died or
     restarts, or it no longer holds the session (a restarted actor) -> PolicyUnavailable (retried)."""
 
-    def __init__(self, actor, variant: PolicyVariant):
+    def __init__(self, actor, variant: PolicyVariant, clock: RealtimeClock | None = None):
         self.actor = actor
         self.variant = variant
+        self.clock = clock  # execution rtc: sent with every session open (a restarted actor gets it again)
         self.name = variant.name
         self.needs_images, self.needs_privileged = variant.needs_images, variant.needs_privileged
         self._session: str | None = None
@@ -129,7 +138,8 @@ class RemotePolicy(Policy):
 
     def reset(self, episode_id: str, seed: int) -> None:
         self._session = episode_id
-        self._call(self.actor.open, episode_id, self.variant.label, seed)
+        self._call(self.actor.open, episode_id, self.variant.label, seed,
+                   None if self.clock is None else self.clock.to_dict())
 
     def infer(self, observation: dict[str, Any]) -> ActionChunk:
         return self._call(self.actor.infer, self._session, observation)
@@ -173,7 +183,10 @@ class RolloutWorker:
             self.env_key = key
             self.envs_created += 1
         variant = self.variants[spec.policy_label]
-        policy = RemotePolicy(self.policy_actor, variant)
+        clock = None
+        if variant.execution.execution == "rtc":  # a modelled latency (PolicyVariant.make refuses measured)
+            clock = RealtimeClock(latency, self.env.control_hz)
+        policy = RemotePolicy(self.policy_actor, variant, clock)
         result = run_episode(spec, self.env, policy, self.settings, run_dir=self.run_dir,
                              execution=variant.execution, latency=latency)
         result.attempt = attempt

@@ -132,7 +132,7 @@ def load_run(run_dir: str | Path) -> RunData:
     if config:
         for v in expand_variants(config.get("policies") or [], execution_defaults(config)):
             variants[v.label] = {"name": v.name, **v.param_dict, "timing": v.execution.timing,
-                                 "latency": v.execution.latency}
+                                 "latency": v.execution.latency, "execution": v.execution.execution}
         planned = _planned(config, len(variants))
     for r in results:
         if r.policy_label not in variants:
@@ -310,7 +310,7 @@ def _notes(data: RunData) -> list[str]:
         notes.append(f"{len(errors)} episode(s) ended in an error and are not counted as task failures")
     unpaired = sorted(label for label, base in data.baselines.items() if base is None)
     if data.baseline is not None and unpaired:
-        notes.append(f"no baseline (policy none) with the same timing and latency model for {', '.join(unpaired)}: "
+        notes.append(f"no baseline (policy none) with the same timing, latency model and execution for {', '.join(unpaired)}: "
                      "no paired test and no speedup for them")
     records = [rec for r in data.results if r.status != "error" for rec in r.records]
     priced = sum(rec.get("cost_ms") is not None for rec in records)

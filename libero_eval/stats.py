@@ -29,3 +29,36 @@ def mcnemar_exact(b: int, c: int) -> float:
     k = min(b, c)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+Z_95 = 1.959963984540054  # two-sided 5%
+Z_80 = 0.8416212335729143  # power 80%
+
+
+def detectable_difference(pairs: int, discordant: int, z_alpha: float = Z_95, z_beta: float = Z_80) -> float | None:
+    """The smallest difference in success rate a paired comparison of `pairs` episodes could detect (two-sided
+    5%, power 80%): Connor's (1987) normal-approximation sample size for McNemar's test,
+    n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2, solved for d, with psi the observed discordant share.
+    When so few pairs are discordant that no d <= psi is detectable, psi is raised to the smallest share at
+    which one is: the result then reads "nothing smaller is detectable with this many pairs, whatever the
+    discordance". None only when no pairs."""
+    if pairs <= 0:
+        return None
+    for count in range(max(discordant, 1), pairs + 1):
+        found = _detectable(pairs, count / pairs, z_alpha, z_beta)
+        if found is not None:
+            return found
+    return None
+
+
+def _detectable(pairs: int, psi: float, z_alpha: float, z_beta: float) -> float | None:
+    def needed(d: float) -> float:
+        return (z_alpha * math.sqrt(psi) + z_beta * math.sqrt(max(0.0, psi - d * d))) ** 2 / (d * d)
+
+    if needed(psi) > pairs:
+        return None
+    lo, hi = 0.0, psi  # needed() decreases in d: bisect for the smallest d with needed(d) <= pairs
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if needed(mid) <= pairs else (mid, hi)
+    return hi

@@ -5,9 +5,10 @@ by reason, modelled latency, Hz and speedup, shadow deviation.
 Latency, Hz and speedup come from each frame's own cost under its variant's latency model (`cost_ms` in
 the records; policies/serving/latency.py), never from the batch it was served in: they do not depend on
 how many workers ran or what else shared a batch. Each variant is compared with the baseline (`none`) of
-the same timing and latency model."""
+the same timing, latency model and realtime execution (naive or rtc)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from statistics import mean
@@ -15,9 +16,11 @@ from typing import Any
 
 from libero_eval import tables
 from libero_eval.specs import EpisodeResult
-from libero_eval.stats import mcnemar_exact, wilson_interval
+from libero_eval.stats import detectable_difference, mcnemar_exact, wilson_interval
+from policies.serving.variants import RTCSettings
 
 REUSE_DECISIONS = ("reuse", "partial")
+RTC_DEFAULTS = dataclasses.asdict(RTCSettings())  # an rtc variant at these is in the family of its sync run
 
 
 def policy_rows(results: list[EpisodeResult], baseline: str | dict[str, str | None] | None) -> list[dict[str, Any]]:
@@ -49,8 +52,10 @@ def policy_rows(results: list[EpisodeResult], baseline: str | dict[str, str | No
             row = {
                 "policy": label, "suite": suite, "baseline": base, "n": n, "successes": k,
                 "timing": described.get("timing", "sync"), "latency": described.get("latency"),
-                # the variant apart from its timing: its sync and realtime rows share it (plots.sync_vs_realtime)
-                "family": json.dumps({k: v for k, v in described.items() if k not in ("label", "timing")},
+                "execution": described.get("execution", "naive"),
+                # the variant apart from how it executes: its sync, naive and rtc rows share it (plots.sync_vs_realtime)
+                "family": json.dumps({k: v for k, v in described.items() if k not in ("label", "timing", "execution")
+                                      and not (k in RTC_DEFAULTS and RTC_DEFAULTS[k] == v)},
                                      sort_keys=True, default=str),
                 "success_rate": k / n if n else None,
                 "wilson_low": lo, "wilson_high": hi, "errors": len(group) - n,
@@ -66,6 +71,8 @@ def policy_rows(results: list[EpisodeResult], baseline: str | dict[str, str | No
                 "fallback_actions": sum(rec.get("fallback_actions", 0) for rec in records),
                 "shadow_cos_mean": _mean_signal(records, "shadow_cos"),
                 "shadow_cos_min": _min_signal(records, "shadow_cos"),
+                # RTC: max |new - executed| over the actions the robot runs from the old chunk (normalised)
+                "rtc_frozen_dev": _mean_signal(records, "rtc_frozen_dev"),
             }
             if base is not None and label != base:
                 b = c = pairs = 0
@@ -75,7 +82,9 @@ def policy_rows(results: list[EpisodeResult], baseline: str | dict[str, str | No
                         pairs += 1
                         b += base_by_pair[key] and not r.success
                         c += (not base_by_pair[key]) and r.success
-                row.update({"pairs": pairs, "base_only": b, "variant_only": c, "mcnemar_p": mcnemar_exact(b, c)})
+                row.update({"pairs": pairs, "base_only": b, "variant_only": c, "mcnemar_p": mcnemar_exact(b, c),
+                            # the smallest success difference these pairs could detect (stats.detectable_difference)
+                            "detectable": detectable_difference(pairs, b + c)})
             rows.append(row)
     return rows
 
@@ -122,7 +131,7 @@ def format_table(rows: list[dict[str, Any]], baseline: str | dict[str, str | Non
               "priced at batch 1), not the batch's wall time;", "  delay: env steps a realtime chunk arrives late "
               "(mean)."]
     if name is not None and any("pairs" in r for r in rows):
-        who = "its baseline (none, same timing and latency model)" if several else name
+        who = "its baseline (none, same timing, latency model and execution)" if several else name
         legend.insert(0, f"vs {name}: -b/+c = paired episodes (same task, init state, seed) where only {who} "
                          f"succeeded / only the variant did;\n  p = exact McNemar test on those pairs (small p: the "
                          "variants really differ). Success: k/n, rate, 95% Wilson interval.")
@@ -154,10 +163,10 @@ def pick_baseline(labels: list[str], names: dict[str, str]) -> str | None:
 
 
 def pick_baselines(variants: dict[str, dict[str, Any]]) -> dict[str, str | None]:
-    """{label: its baseline}: the first `none` variant of the same timing and latency model (variants:
-    label -> {"name", "timing", "latency", ...}; missing timing / latency: sync / calibrated)."""
-    def key(info: dict[str, Any]) -> tuple[str, str]:
-        return info.get("timing") or "sync", info.get("latency") or "calibrated"
+    """{label: its baseline}: the first `none` variant of the same timing, latency model and execution (variants:
+    label -> {"name", "timing", "latency", "execution", ...}; missing: sync / calibrated / naive)."""
+    def key(info: dict[str, Any]) -> tuple[str, str, str]:
+        return info.get("timing") or "sync", info.get("latency") or "calibrated", info.get("execution") or "naive"
 
     out = {}
     for label, info in variants.items():

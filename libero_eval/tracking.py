@@ -107,7 +107,8 @@ class SweepInfo:
     @classmethod
     def from_config(cls, config: SweepConfig) -> "SweepInfo":
         variants = {v.label: {"name": v.name, **v.param_dict, "timing": v.execution.timing,
-                              "latency": v.execution.latency} for v in config.variants()}
+                              "latency": v.execution.latency, "execution": v.execution.execution}
+                    for v in config.variants()}
         return cls(config.name, config.to_dict(), variants, config.trial_list(),
                    pick_baseline(list(variants), {k: v["name"] for k, v in variants.items()}))
 

@@ -7,6 +7,8 @@ Observation contract (built by `tasks.protocol`, openpi's LIBERO client keys):
     "prompt"                   str                  the task's language instruction
     "privileged"               dict (optional)      simulator state for oracle policies only; learned
                                                     policies must never read it
+    "env_step"                 int                  the env step of this query (realtime chunking reads it
+                                                    to know how much of the executing chunk is left)
 Actions: float32 [H, 7] (6-d delta end-effector pose + gripper, -1 open / +1 close), sent raw to the env.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ WRIST_IMAGE_KEY = "observation/wrist_image"
 STATE_KEY = "observation/state"
 PROMPT_KEY = "prompt"
 PRIVILEGED_KEY = "privileged"
+STEP_KEY = "env_step"
 
 ACTION_DIM = 7
 

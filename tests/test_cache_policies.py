@@ -216,8 +216,9 @@ def test_unknown_name_or_parameter_lists_the_valid_ones():
     with pytest.raises(VariantError, match="unknown policy 'adaptiv'.*none, fixed_window, adaptive, "
                                            "attention_drift, vla_cache"):
         PolicyVariant.make("x", "adaptiv")
-    with pytest.raises(VariantError, match="no parameter 'threshold'; valid parameters: fallback, latency, num_steps, "
-                                           "pixel_mae, schedule, solver, timing, window"):
+    with pytest.raises(VariantError, match="no parameter 'threshold'; valid parameters: execution, fallback, latency, "
+                                           "num_steps, pixel_mae, rtc_horizon, rtc_jacobian, rtc_max_guidance, "
+                                           "rtc_schedule, schedule, solver, timing, window"):
         PolicyVariant.make("x", "adaptive", {"threshold": 6.5})
     with pytest.raises(ConfigError, match=r"policies\[0\]: policy 'fixed_window' has no parameter 'windows'"):
         expand_variants([{"name": "fixed_window", "windows": 2}])

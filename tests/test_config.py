@@ -59,8 +59,9 @@ def test_overrides_are_typed_and_dotted():
     (["suites={libero_spatial: [10]}"], "task 10 does not exist in libero_spatial"),
     (["trials=[0, 50]"], "trial 50 does not exist: expected 0..49"),
     (["policies=[{name: fixed_windw}]"], "unknown policy 'fixed_windw'"),
-    (["policies=[{name: none, window: 3}]"], "policy 'none' has no parameter 'window'; valid parameters: fallback, latency, num_steps, schedule, "
-                                          "solver, timing"),
+    (["policies=[{name: none, window: 3}]"], "policy 'none' has no parameter 'window'; valid parameters: execution, fallback, latency, "
+                                          "num_steps, rtc_horizon, rtc_jacobian, rtc_max_guidance, rtc_schedule, "
+                                          "schedule, solver, timing"),
     (["policies=[{name: none, solver: ralston}]"], "solver 'ralston': expected one of euler, midpoint, heun"),
     (["ray.num_wrkers=3"], r"unknown key\(s\) \['num_wrkers'\] in ray"),
     (["ray.num_workers=two"], "ray.num_workers: expected int, got str 'two'"),

@@ -32,3 +32,14 @@ def test_no_scored_episode_draws():
     rows = [_row("none", 0, 0, None)]
     assert plots.success_by_policy(rows).startswith(PNG)
     assert plots.success_vs_speedup(rows).startswith(PNG)
+
+
+def test_sync_naive_and_rtc_runs_of_a_variant_are_drawn_side_by_side():
+    rows = [{**_row("none_timingsync", 6, 20), "timing": "sync", "family": "none"},
+            {**_row("none_timingrealtime", 2, 20), "timing": "realtime", "execution": "naive", "family": "none"},
+            {**_row("none_rtc", 5, 20), "timing": "realtime", "execution": "rtc", "family": "none"},
+            {**_row("fw_rtc", 0, 20), "timing": "realtime", "execution": "rtc", "family": "fw"},
+            {**_row("fw_timingsync", 1, 20), "timing": "sync", "family": "fw"}]
+    assert [plots.execution_mode(r) for r in rows] == ["sync", "naive", "rtc", "rtc", "sync"]
+    assert plots.sync_vs_realtime(rows).startswith(PNG)
+    assert plots.sync_vs_realtime(rows[:1] + rows[3:4]) is None  # no variant run two ways

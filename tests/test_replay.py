@@ -151,7 +151,8 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "no recorded sequences (*.npz)" in capsys.readouterr().err
     record(tmp_path, "ep0", 1)
     assert rp.run(parse([str(tmp_path), "--policy", "fixed_window:windw=2"])) == 2
-    assert ("no parameter 'windw'; valid parameters: fallback, latency, num_steps, schedule, solver, timing, window"
+    assert ("no parameter 'windw'; valid parameters: execution, fallback, latency, num_steps, rtc_horizon, "
+            "rtc_jacobian, rtc_max_guidance, rtc_schedule, schedule, solver, timing, window"
             in capsys.readouterr().err)
     assert rp.run(parse([str(tmp_path), "--policy", "hold"])) == 2
     assert rp.parse_policy("adaptive:window=3, pixel_mae=6.5") == {"name": "adaptive", "window": 3, "pixel_mae": 6.5}

@@ -27,3 +27,15 @@ def test_mcnemar_exact_known_values():
     assert mcnemar_exact(5, 1) == pytest.approx(14 / 64)  # symmetric in b, c
     assert mcnemar_exact(2, 8) == pytest.approx(112 / 1024)  # 0.109375
     assert mcnemar_exact(3, 3) == 1.0  # the two-sided tail is capped at 1
+
+
+def test_detectable_difference_solves_connors_sample_size():
+    from libero_eval.stats import Z_80, Z_95, detectable_difference
+
+    d = detectable_difference(40, 12)  # psi = 0.3
+    needed = (Z_95 * 0.3**0.5 + Z_80 * (0.3 - d * d) ** 0.5) ** 2 / (d * d)
+    assert needed == pytest.approx(40, rel=1e-6)
+    assert detectable_difference(100, 30) < d < detectable_difference(40, 20)  # more pairs / less discordance: finer
+    # few discordant pairs: the floor over discordances at which a difference becomes detectable, not "nothing"
+    assert detectable_difference(20, 0) == detectable_difference(20, 6) == detectable_difference(20, 7) == pytest.approx(0.349, abs=1e-3)
+    assert detectable_difference(0, 0) is None and detectable_difference(2, 0) is None

@@ -136,9 +136,12 @@ def test_speedup_does_not_depend_on_the_number_of_workers(smoke_two_workers, tmp
 def test_a_realtime_sweep_is_deterministic_and_renders_only_query_steps(tmp_path):
     """timing: realtime under the Thor profile, through Ray, W&B (offline) and the report, twice: every
     episode the same; chunks arrive 4 (full frame) or 3 (prefix reuse) env steps late; the env renders the
-    cameras exactly at the query steps; each variant is compared with the `none` of its own timing."""
+    cameras exactly at the query steps; each variant is compared with the `none` of its own timing. An
+    `execution: rtc` variant runs the same clock, each query after the first guided towards the 5 actions
+    left of the chunk in flight, for the delay the worker then applies."""
     overrides = ["trials=[40]", "max_steps=15", "latency=thor_trt_fp8", "wandb.videos=none", "ray.num_workers=1",
-                 "policies=[{name: none, timing: [sync, realtime]}, {name: fixed_window, window: 2, timing: realtime}]",
+                 "policies=[{name: none, timing: [sync, realtime]}, {name: fixed_window, window: 2, timing: realtime}, "
+                 "{name: none, timing: realtime, execution: rtc}]",
                  "suites={libero_spatial: [0]}"]
     config = load_config(CONFIGS / "smoke.yaml", overrides)
     assert cli_main(["sweep", str(CONFIGS / "smoke.yaml"), "--out", str(tmp_path / "rt0"), "--no-progress",
@@ -160,13 +163,21 @@ def test_a_realtime_sweep_is_deterministic_and_renders_only_query_steps(tmp_path
     assert realtime.records[0]["fallback_actions"] == 4  # the first chunk is awaited on the fallback
     assert [rec["delay_steps"] for rec in cached.records] == [4 if rec["decision"] == "full" else 3
                                                               for rec in cached.records]
+    rtc = by_label["none_executionrtc_timingrealtime"]
+    assert [rec["extra"]["rtc"] for rec in rtc.records] == [
+        {"guided": False, "delay_steps": 4, "leftover": 0, "guided_actions": 0},
+        *[{"guided": True, "delay_steps": 4, "leftover": 5, "guided_actions": 5}] * 2]
+    assert [(rec["env_step"], rec["delay_steps"]) for rec in rtc.records] == [
+        (rec["env_step"], rec["delay_steps"]) for rec in realtime.records]
+    assert all("rtc_frozen_dev" in rec["signals"] for rec in rtc.records[1:])
     for r in runs[0].results:
         assert r.env_stats["renders"] == 2 * len(r.records)  # both cameras, at the query steps only
     from libero_eval.report import load_run, write_report
 
     data = load_run(tmp_path / "rt0")
     assert data.baselines == {"none_timingsync": "none_timingsync", "none_timingrealtime": "none_timingrealtime",
-                              "fixed_window_timingrealtime_window2": "none_timingrealtime"}
+                              "fixed_window_timingrealtime_window2": "none_timingrealtime",
+                              "none_executionrtc_timingrealtime": "none_executionrtc_timingrealtime"}
     html_path, _ = write_report(tmp_path / "rt0")
     assert "plot-sync-realtime" in html_path.read_text() and "plot-latency" in html_path.read_text()
     from tests.wandb_reader import read_runs

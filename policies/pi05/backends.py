@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from policies.pi05.modeling import Pi05Model
+from policies.pi05.rtc import Guidance
 from policies.pi05.stages import (
     AttentionCallback,
     AttentionLayers,
@@ -173,21 +174,29 @@ class Pi05Backend:
         schedule: str = "linear",
         solver: str = "euler",
         return_attention: AttentionLayers = False,
+        guidance: Guidance | None = None,
     ) -> DenoiseResult:
+        """guidance (real-time chunking, policies/pi05/rtc.py) is never captured in a CUDA graph (its target
+        changes every call); its `model` jacobian differentiates the step: the model's eager one."""
         num_steps = self.config.num_steps if num_steps is None else num_steps
         layers = resolve_layers(return_attention, self.config.action_expert.depth)
-        if not layers and self.graphs is not None:
+        if not layers and guidance is None and self.graphs is not None:
             return self.graphs.run(prefix_kv, prefix_mask, noise, num_steps, schedule, solver)
-        return self.denoise_uncaptured(prefix_kv, prefix_mask, noise, num_steps, schedule, solver, layers)
+        return self.denoise_uncaptured(prefix_kv, prefix_mask, noise, num_steps, schedule, solver, layers, guidance)
 
     def denoise_uncaptured(self, prefix_kv: PrefixKV, prefix_mask: Tensor, noise: Tensor, num_steps: int,
-                           schedule: str, solver: str, layers: frozenset[int] = frozenset()) -> DenoiseResult:
+                           schedule: str, solver: str, layers: frozenset[int] = frozenset(),
+                           guidance: Guidance | None = None) -> DenoiseResult:
         """The model's sampler loop around this backend's denoising step (what the CUDA graph captures)."""
-        predict = self.velocity_predictor(prefix_kv, layers)
-        if predict is None:
-            self._fell_back("denoise_attention_layers")
+        if guidance is not None and guidance.jacobian == "model":
+            predict = None
+            self._fell_back("rtc_vjp")
+        else:
+            predict = self.velocity_predictor(prefix_kv, layers)
+            if predict is None:
+                self._fell_back("denoise_attention_layers")
         return self.model.denoise(prefix_kv, prefix_mask, noise, num_steps, schedule, solver,
-                                  sorted(layers) or False, predict_velocity=predict)
+                                  sorted(layers) or False, predict_velocity=predict, guidance=guidance)
 
     def sample_actions(self, inputs: Pi05Inputs, noise: Tensor, num_steps: int | None = None,
                        schedule: str = "linear", solver: str = "euler") -> Tensor:

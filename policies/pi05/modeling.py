@@ -37,6 +37,7 @@ from policies.pi05.layers import (
     upcast,
 )
 from policies.pi05.partial_prefix import partial_prefix_kv
+from policies.pi05.rtc import Guidance, guided_velocity
 from policies.pi05.sampling import integrate
 from policies.pi05.stages import (
     AttentionCallback,
@@ -318,11 +319,14 @@ class Pi05Model(nn.Module):
         return_attention: AttentionLayers = False,
         *,
         predict_velocity: VelocityPredictor | None = None,
+        guidance: Guidance | None = None,
     ) -> DenoiseResult:
         """Flow matching from t = 1 (noise) to t = 0; euler + linear is openpi's sampler bit for bit.
 
         predict_velocity: a replacement for `self.predict_velocity` with its signature (a compiled or
         TensorRT denoising step, policies/pi05/backends.py); the sampler loop stays here.
+        guidance: real-time chunking (policies/pi05/rtc.py): every velocity evaluation is guided towards the
+        leftover chunk. Its `model` jacobian differentiates the velocity: eager PyTorch only.
         """
         # prefix_mask: [B, Tp] bool; noise: [B, H, A] float32 -> actions [B, H, A] float32 (action_out_proj dtype)
         expected = (prefix_kv.batch_size, self.config.action_horizon, self.config.action_dim)
@@ -332,17 +336,29 @@ class Pi05Model(nn.Module):
         times: list[float] = []
         maps: list[tuple[Tensor | None, ...]] = []
         predict = predict_velocity or self.predict_velocity
+        dtype = self.action_out_proj.weight.dtype
+        if guidance is not None:
+            guidance = guidance.to(noise.device, dtype)
+            if guidance.jacobian == "model" and prefix_kv.keys[0].is_inference():
+                with torch.inference_mode(False):  # autograd cannot save inference tensors for backward
+                    prefix_kv = PrefixKV(keys=tuple(k.clone() for k in prefix_kv.keys),
+                                         values=tuple(v.clone() for v in prefix_kv.values))
 
-        def velocity(x_t: Tensor, t: Tensor) -> Tensor:
+        def evaluate(x_t: Tensor, t: float) -> Tensor:
             # a fill on the device rather than a host-to-device copy: the loop stays capturable as a CUDA graph
-            t_device = torch.full((), float(t), dtype=torch.float32, device=x_t.device)
+            t_device = torch.full((), t, dtype=torch.float32, device=x_t.device)
             v_t, attn = predict(prefix_kv, prefix_mask, x_t, t_device, return_attention)
-            times.append(float(t))
             if attn is not None:
-                maps.append(attn)
+                maps.append(tuple(None if m is None else m.detach() for m in attn))
             return v_t
 
-        actions = integrate(velocity, noise.to(self.action_out_proj.weight.dtype), num_steps, schedule, solver)
+        def velocity(x_t: Tensor, t: Tensor) -> Tensor:
+            times.append(float(t))
+            if guidance is None:
+                return evaluate(x_t, float(t))
+            return guided_velocity(lambda x: evaluate(x, float(t)), x_t, float(t), guidance)
+
+        actions = integrate(velocity, noise.to(dtype), num_steps, schedule, solver)
         return DenoiseResult(actions=actions, times=tuple(times), attention=tuple(maps) if maps else None)
 
     # ---- all stages

@@ -14,6 +14,7 @@ import torch
 from policies.pi05.backends import Pi05Backend
 from policies.pi05.configuration import Pi05Config
 from policies.pi05.modeling import Pi05Model
+from policies.pi05.rtc import JACOBIANS, Guidance, prefix_weights
 from policies.pi05.stages import Pi05Inputs
 
 
@@ -70,3 +71,18 @@ def time_stages(
             samples.append((time.perf_counter() - start) * 1e3)
         out[name] = {"median_ms": statistics.median(samples), "min_ms": min(samples)}
     return out
+
+
+def rtc_functions(stages: Pi05Model | Pi05Backend, inputs: Pi05Inputs,
+                  noise: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """The denoising loop guided by real-time chunking (policies/pi05/rtc.py), both jacobians, towards a
+    synthetic leftover (half a chunk, delay 3, linear weights): what an RTC frame adds to `denoise`."""
+    prefix = stages.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks)
+    prefix_kv = stages.compute_prefix_kv(prefix)
+    b, horizon, _ = noise.shape
+    target = torch.zeros_like(noise)
+    target[:, : horizon // 2] = noise[:, : horizon // 2].flip(-1)
+    weights = prefix_weights("linear", 3, horizon // 2, horizon).to(noise.device)[None, :, None].expand(b, -1, -1)
+    guided = {jac: Guidance(target, weights, 10.0, jac) for jac in JACOBIANS}
+    return {f"denoise_rtc_{jac}": (lambda g=g: stages.denoise(prefix_kv, prefix.pad_mask, noise, guidance=g))
+            for jac, g in guided.items()}

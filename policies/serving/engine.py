@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from policies.base import ActionChunk, Policy, PolicyError
+from policies.serving.latency import RealtimeClock
 from policies.serving.variants import MODEL_FREE, PolicyVariant
 
 
@@ -44,7 +45,9 @@ class Engine:
     def __init__(self) -> None:
         self._sessions: dict[str, Any] = {}  # session id -> Policy (model-free) or a subclass's session
 
-    def open(self, session_id: str, variant: PolicyVariant, seed: int) -> None:
+    def open(self, session_id: str, variant: PolicyVariant, seed: int, clock: RealtimeClock | None = None) -> None:
+        """`clock`: the variant's latency profile and the env's control rate, which `execution: rtc`
+        sessions need to know each frame's delay before denoising it (policies/serving/rtc.py)."""
         if seed < 0:
             raise PolicyError(f"episode seed must be >= 0, got {seed}")
         self.close(session_id)  # a retried episode reopens its session from scratch
@@ -53,9 +56,9 @@ class Engine:
             policy.reset(session_id, seed)
             self._sessions[session_id] = policy
         else:
-            self._sessions[session_id] = self._open_model(variant, int(seed))
+            self._sessions[session_id] = self._open_model(variant, int(seed), clock)
 
-    def _open_model(self, variant: PolicyVariant, seed: int) -> Any:
+    def _open_model(self, variant: PolicyVariant, seed: int, clock: RealtimeClock | None = None) -> Any:
         raise PolicyError(f"policy {variant.label!r} needs a model; this engine serves only model-free policies "
                           f"({', '.join(MODEL_FREE)})")
 

@@ -7,10 +7,13 @@ prices those: per-stage times on one device at batch 1, from a measurement (`cal
 ran:
 
     cost = images x vision_ms / images_per_frame + prefix_ms x computed / full token-layers
-           + velocity evaluations x velocity_eval_ms + overhead_ms
+           + velocity evaluations x velocity_eval_ms + VJP evaluations x vjp_eval_ms + overhead_ms
 
 in integer microseconds, so that the realtime closed loop's delays (ceil(cost x control rate) env steps)
 are exact. The prefix is priced linearly in the token-layers computed (reuse: 0; a partial pass: its share).
+Real-time chunking (policies/pi05/rtc.py) adds work only with its `model` jacobian: a backward pass through
+the action expert per guided evaluation (`vjp_evals`, priced `vjp_eval_ms` on top of the evaluation itself);
+its `identity` jacobian (LeRobot's) adds a few elementwise ops on a [H, 32] chunk, priced as nothing.
 """
 from __future__ import annotations
 
@@ -39,12 +42,16 @@ class LatencyProfile:
     overhead_ms: float = 0.0  # per frame, whatever it ran (pre/post-processing, transfers)
     source: str = ""  # where the numbers come from
     device: str = ""  # what they were measured on
+    # the extra time of one guided evaluation's vector-Jacobian product (RTC, jacobian model); None: unknown
+    vjp_eval_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise LatencyError("a latency profile needs a name")
-        for key in ("vision_ms", "prefix_ms", "velocity_eval_ms", "overhead_ms"):
+        for key in ("vision_ms", "prefix_ms", "velocity_eval_ms", "overhead_ms", "vjp_eval_ms"):
             value = getattr(self, key)
+            if value is None and key == "vjp_eval_ms":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise LatencyError(f"latency profile {self.name!r}: {key} must be a time in ms >= 0, got {value!r}")
         if isinstance(self.images_per_frame, bool) or not isinstance(self.images_per_frame, int) or self.images_per_frame < 1:
@@ -69,7 +76,8 @@ class LatencyProfile:
     def stage_us(self) -> dict[str, int]:
         """Stage prices in integer microseconds (the arithmetic every cost is made of)."""
         return {"vision": round(1000 * self.vision_ms), "prefix": round(1000 * self.prefix_ms),
-                "velocity_eval": round(1000 * self.velocity_eval_ms), "overhead": round(1000 * self.overhead_ms)}
+                "velocity_eval": round(1000 * self.velocity_eval_ms), "overhead": round(1000 * self.overhead_ms),
+                "vjp_eval": round(1000 * (self.vjp_eval_ms or 0.0))}
 
     def cost_us(self, compute: dict[str, int] | None) -> int:
         """A frame's cost from what it ran (a record's `extra.compute`); a frame without a model (no compute:
@@ -78,16 +86,39 @@ class LatencyProfile:
         if not compute:
             return 0
         price = self.stage_us()
+        if compute.get("vjp_evals") and self.vjp_eval_ms is None:
+            raise LatencyError(f"latency profile {self.name!r} cannot price RTC's VJP (rtc_jacobian: model): it "
+                               "has no vjp_eval_ms; add one (measured: libero-eval profile) or use rtc_jacobian: identity")
         vision = _share(price["vision"], compute.get("vision_images", 0), self.images_per_frame)
         full = compute.get("prefix_token_layers_full") or 0
         prefix = _share(price["prefix"], compute.get("prefix_token_layers", 0), full) if full else 0
-        return vision + prefix + compute.get("velocity_evals", 0) * price["velocity_eval"] + price["overhead"]
+        return (vision + prefix + compute.get("velocity_evals", 0) * price["velocity_eval"]
+                + compute.get("vjp_evals", 0) * price["vjp_eval"] + price["overhead"])
 
     def frame_ms(self, num_steps: int = 10, evals_per_step: int = 1) -> float:
         """A full frame's cost (every image, the whole prefix, `num_steps` steps of the solver)."""
         compute = {"vision_images": self.images_per_frame, "prefix_token_layers": 1, "prefix_token_layers_full": 1,
                    "velocity_evals": num_steps * evals_per_step}
         return self.cost_us(compute) / 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class RealtimeClock:
+    """What an RTC session needs to know its own frame's delay before denoising: the variant's latency
+    profile and the env's control rate (delay = delay_steps(profile.cost_us(compute), control_hz))."""
+
+    profile: LatencyProfile
+    control_hz: float
+
+    def delay_steps(self, compute: dict[str, int]) -> int:
+        return delay_steps(self.profile.cost_us(compute), self.control_hz)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile.to_dict(), "control_hz": self.control_hz}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RealtimeClock":
+        return cls(LatencyProfile.from_dict(data["profile"], "realtime clock"), float(data["control_hz"]))
 
 
 def _share(price_us: int, part: int, whole: int) -> int:
@@ -126,19 +157,22 @@ def calibrate(stages, config, device, repeats: int = 5, warmup: int = 1, name: s
     """Per-stage medians at batch 1 on `device` (policies.pi05.timing: the same machinery as
     benchmarks/bench_pi05.py): the vision tower over all camera slots, one full prefix pass, and the
     checkpoint's denoising loop (Euler, `config.num_steps` velocity evaluations) divided by its evaluations,
-    so the loop's own per-step work is in the price. `stages` is a Pi05Model or a backend over it."""
+    so the loop's own per-step work is in the price. `vjp_eval_ms`: the same loop guided by RTC with the
+    model jacobian, minus the plain loop, per evaluation. `stages` is a Pi05Model or a backend over it."""
     import torch  # the policies package's model layer pulls torch; the profile arithmetic above does not
 
-    from policies.pi05.timing import stage_functions, synthetic_inputs, time_stages  # (same reason)
+    from policies.pi05.timing import rtc_functions, stage_functions, synthetic_inputs, time_stages  # (same reason)
 
     inputs, noise = synthetic_inputs(config, 1, device)
     with torch.inference_mode():
         fns = stage_functions(stages, inputs, noise)
         fns = {k: fns[k] for k in ("vision", "prefix", "denoise")}
+        fns["denoise_vjp"] = rtc_functions(stages, inputs, noise)["denoise_rtc_model"]
         timed = time_stages(fns, torch.device(device), warmup, repeats)
+    vjp = max(0.0, timed["denoise_vjp"]["median_ms"] - timed["denoise"]["median_ms"]) / config.num_steps
     return LatencyProfile(name=name, vision_ms=round(timed["vision"]["median_ms"], 4),
                           prefix_ms=round(timed["prefix"]["median_ms"], 4),
                           velocity_eval_ms=round(timed["denoise"]["median_ms"] / config.num_steps, 4),
                           images_per_frame=int(config.num_cameras), overhead_ms=0.0,
                           source=f"calibrated: median of {repeats} runs per stage at batch 1 (policies/serving/latency.py)",
-                          device=str(device))
+                          device=str(device), vjp_eval_ms=round(vjp, 4))

@@ -10,10 +10,12 @@ attention maps); one cache policy object per variant, bound to the model's layou
   3. vision (embed_prefix) once for every full and partial request; one batched prefix pass per group of
      full requests with the same attention needs; partial passes (vla_cache) one at a time, since each
      drops its own token set; reuse requests skip both and take their session's stored K/V;
-  4. denoising for the whole batch, grouped by (num_steps, schedule, solver, action-attention layers),
-     every request with its own paired noise sample_noise(episode seed, inference index);
+  4. denoising for the whole batch, grouped by (num_steps, schedule, solver, action-attention layers, RTC
+     guidance settings), every request with its own paired noise sample_noise(episode seed, inference index);
+     `execution: rtc` sessions are guided towards the chunk still executing (policies/serving/rtc.py), which
+     the session holds as a value like its K/V;
   5. postprocess, update each session's policy, build the records;
-  6. shadow mode: the full path for every non-full request with the same noise and settings, timed apart
+  6. shadow mode: the full path for every non-full request with the same noise, settings and guidance, timed apart
      (`latency_ms.shadow`, excluded from `total`); it never touches actions or session state.
 A request's actions do not depend on the batch it rode in: on CPU they are bit-identical to batch size 1
 (max |difference| measured 0.0, tests/test_engine_batching.py; the model computes the flow-time condition
@@ -44,9 +46,11 @@ from policies.pi05.processing import Pi05Processor
 from policies.pi05.sampling import EVALUATIONS_PER_STEP
 from policies.pi05.stages import Pi05Inputs, Prefix, PrefixKV
 from policies.serving.engine import Engine, Request, batch_info
-from policies.serving.latency import LatencyProfile, calibrate
+from policies.pi05.rtc import Guidance
+from policies.serving.latency import LatencyProfile, RealtimeClock, calibrate
 from policies.serving.noise import sample_noise
-from policies.serving.variants import DenoiseSettings, PolicyVariant
+from policies.serving.rtc import ChunkInFlight, GuidancePlan, clock_delay, frozen_deviation, plan_guidance, query_step
+from policies.serving.variants import DenoiseSettings, PolicyVariant, RTCSettings
 
 EXECUTED_STEPS = 5  # actions of a chunk executed before the next query (the LIBERO protocol's replan_steps)
 
@@ -61,6 +65,12 @@ class Session:
     state: CacheState
     denoise: DenoiseSettings  # resolved: num_steps set
     index: int = 0
+    clock: RealtimeClock | None = None  # execution rtc: prices this session's frames before they run
+    chunk: ChunkInFlight | None = None  # execution rtc: the chunk being executed (the next one's guide)
+
+    @property
+    def rtc(self) -> bool:
+        return self.variant.execution.execution == "rtc"
 
 
 @dataclasses.dataclass
@@ -80,6 +90,8 @@ class _Row:
     relevance: dict[int, Tensor] = dataclasses.field(default_factory=dict)
     denoise_attention: dict[int, Tensor] = dataclasses.field(default_factory=dict)
     actions: np.ndarray | None = None  # [H, 7] unnormalised
+    model_actions: Tensor | None = None  # [H, A] normalised (execution rtc: the next query's guide)
+    rtc: GuidancePlan | None = None  # execution rtc
     shadow: dict[str, float] = dataclasses.field(default_factory=dict)  # deviation from the full path
 
 
@@ -125,9 +137,12 @@ class Pi05Engine(Engine):
             self._bound[variant.label] = policy, denoise
         return self._bound[variant.label]
 
-    def _open_model(self, variant: PolicyVariant, seed: int) -> Session:
+    def _open_model(self, variant: PolicyVariant, seed: int, clock: RealtimeClock | None = None) -> Session:
         policy, denoise = self.bind(variant)
-        return Session(variant, seed, policy, policy.new_state(), denoise)
+        session = Session(variant, seed, policy, policy.new_state(), denoise, clock=clock)
+        if session.rtc:
+            clock_delay(clock, variant.label)  # refuses an RTC session without a clock now, not at its 2nd query
+        return session
 
     def session_bytes(self, session_id: str) -> int:
         """Memory a session holds (stored K/V, images, maps); 0 for model-free sessions."""
@@ -190,9 +205,15 @@ class Pi05Engine(Engine):
                       state=states[0].astype(np.float32))
         t1 = clock()
         decision = session.policy.decide(frame, session.state)
+        plan = None
+        if session.rtc:
+            delay = clock_delay(session.clock, session.variant.label)
+            plan = plan_guidance(session.variant.rtc, session.chunk, query_step(request.observation),
+                                 lambda guided: delay(self._frame_compute(decision, session, guided)),
+                                 self.config.action_horizon, self.config.action_dim)
         t2 = clock()
         latency = {"preprocess": (t1 - t0) * 1e3, "decide": (t2 - t1) * 1e3, "vision": 0.0, "prefix": 0.0}
-        return _Row(position, session, inputs, frame, decision, latency)
+        return _Row(position, session, inputs, frame, decision, latency, rtc=plan)
 
     def _compute(self, rows: list[_Row]) -> None:
         clock = self._clock
@@ -221,8 +242,8 @@ class Pi05Engine(Engine):
         denoise_groups: dict[tuple, list[_Row]] = defaultdict(list)
         for row in rows:
             layers = tuple(sorted(row.decision.needs.denoise_layers))
-            denoise_groups[(row.session.denoise.key, layers)].append(row)
-        for (_, layers), group in denoise_groups.items():
+            denoise_groups[(row.session.denoise.key, layers, _guidance_key(row))].append(row)
+        for (_, layers, _), group in denoise_groups.items():
             self._denoise(group, layers)
 
     def _prefix_pass(self, group: list[_Row], needs: AttentionNeeds) -> None:
@@ -255,10 +276,12 @@ class Pi05Engine(Engine):
         mask = torch.cat([r.prefix_mask for r in group])
         noise = torch.cat([self._noise(r.session, r.session.index) for r in group]).to(self.device)
         result = self.stages.denoise(prefix_kv, mask, noise, settings.num_steps, settings.schedule, settings.solver,
-                                     return_attention=list(layers) if layers else False)
+                                     return_attention=list(layers) if layers else False,
+                                     guidance=_guidance(group))
         actions = self.processor.postprocess(result.actions)  # [B, H, 7]
         for j, row in enumerate(group):
             row.actions = actions[j]
+            row.model_actions = result.actions[j]
             if layers:
                 maps = result.attention[row.decision.needs.denoise_eval]
                 row.denoise_attention = {layer: maps[layer][j] for layer in layers}
@@ -272,6 +295,8 @@ class Pi05Engine(Engine):
         outputs = FrameOutputs(prefix_kv=row.prefix_kv, prefix_mask=row.prefix_mask, prefix_entropy=row.entropy,
                                prefix_relevance=row.relevance, denoise_attention=row.denoise_attention)
         row.session.policy.update(row.frame, row.decision, outputs, row.session.state)
+        if row.rtc is not None:
+            row.session.chunk = ChunkInFlight(row.model_actions, row.rtc.step)
 
     def _shadow(self, rows: list[_Row]) -> None:
         """The full path (same noise, same denoising knobs) for every row that did not run it."""
@@ -284,12 +309,13 @@ class Pi05Engine(Engine):
             prefix_kv = self.stages.compute_prefix_kv(prefix)
             groups: dict[tuple, list[int]] = defaultdict(list)
             for j, row in enumerate(others):
-                groups[row.session.denoise.key].append(j)
+                groups[(row.session.denoise.key, _guidance_key(row))].append(j)
             for members in groups.values():
                 settings = others[members[0]].session.denoise
                 noise = torch.cat([self._noise(others[j].session, others[j].session.index) for j in members])
                 result = self.stages.denoise(prefix_kv.select(members), prefix.pad_mask[members], noise.to(self.device),
-                                             settings.num_steps, settings.schedule, settings.solver)
+                                             settings.num_steps, settings.schedule, settings.solver,
+                                             guidance=_guidance([others[j] for j in members]))
                 for j, actions in zip(members, self.processor.postprocess(result.actions), strict=True):
                     reference[others[j].position] = actions
         self._sync()
@@ -308,20 +334,27 @@ class Pi05Engine(Engine):
 
     def _record(self, row: _Row) -> InferenceRecord:
         d = row.decision
-        compute = self._frame_compute(d, row.session.denoise)
+        compute = self._frame_compute(d, row.session, row.rtc is not None and row.rtc.guidance is not None)
         signals = {k: float(v) for k, v in d.signals.items()}
         signals["prefix_skipped"] = 1.0 - compute["prefix_token_layers"] / compute["prefix_token_layers_full"]
         signals.update(row.shadow)
         extra = {**d.extra, "thresholds": dict(d.thresholds), "prompt_tokens": int(row.inputs.token_masks.sum()),
                  "compute": compute}
+        if row.rtc is not None:
+            extra["rtc"] = row.rtc.describe()
+            deviation = frozen_deviation(row.model_actions, row.rtc)
+            if deviation is not None:
+                signals["rtc_frozen_dev"] = deviation
         latency = {k: round(v, 4) for k, v in row.latency.items()}
         return InferenceRecord(index=row.session.index, decision=d.kind, reason=d.reason, signals=signals,
                                latency_ms=latency, extra=extra)
 
-    def _frame_compute(self, decision: Decision, denoise: DenoiseSettings) -> dict[str, int]:
+    def _frame_compute(self, decision: Decision, session: Session, guided: bool = False) -> dict[str, int]:
         """What this frame itself ran, whatever it shared a batch with (shadow work not counted): camera
         images through the vision tower (every slot, the padded one too, as openpi does), prefix token-layers
-        computed out of a full pass's (reuse 0, partial the plan's), and velocity evaluations of the loop."""
+        computed out of a full pass's (reuse 0, partial the plan's), velocity evaluations of the loop, and
+        (RTC guided by the model jacobian) the evaluations that also ran a VJP."""
+        denoise = session.denoise
         full = self.layout.depth * self.layout.num_tokens
         if decision.kind == "full":
             token_layers = full
@@ -329,9 +362,11 @@ class Pi05Engine(Engine):
             token_layers = 0
         else:
             token_layers = sum(decision.plan.tokens_per_layer(self.layout.num_tokens))
+        evals = denoise.num_steps * EVALUATIONS_PER_STEP[denoise.solver]
+        vjp = guided and session.variant.rtc.rtc_jacobian == "model"
         return {"vision_images": 0 if decision.kind == "reuse" else self.layout.num_cameras,
                 "prefix_token_layers": token_layers, "prefix_token_layers_full": full,
-                "velocity_evals": denoise.num_steps * EVALUATIONS_PER_STEP[denoise.solver]}
+                "velocity_evals": evals, **({"vjp_evals": evals} if vjp else {})}
 
     # ---- helpers
 
@@ -359,6 +394,18 @@ _PREFIX_TENSORS = ("embeddings", "pad_mask", "ar_mask", "positions")  # the batc
 def _prefix_needs(needs: AttentionNeeds) -> AttentionNeeds:
     """The part of a decision's needs that changes the prefix pass (the denoise part is grouped later)."""
     return AttentionNeeds(prefix_entropy=needs.prefix_entropy, prefix_relevance=needs.prefix_relevance)
+
+
+def _guidance_key(row: _Row) -> RTCSettings | None:
+    """Rows denoised together share their guidance settings (guided rows) or have none."""
+    return row.session.variant.rtc if row.rtc is not None and row.rtc.guidance is not None else None
+
+
+def _guidance(group: Sequence[_Row]) -> Guidance | None:
+    """The batched guidance of a denoising group (rows of one `_guidance_key`)."""
+    if _guidance_key(group[0]) is None:
+        return None
+    return Guidance.concat([r.rtc.guidance for r in group])
 
 
 def _cat_inputs(parts: Sequence[Pi05Inputs]) -> Pi05Inputs:

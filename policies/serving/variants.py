@@ -3,7 +3,8 @@
     variant = PolicyVariant.make("adaptive_w3", "adaptive", {"window": 3, "pixel_mae": 6.5})
     variant.policy     # AdaptiveConfig(window=3, pixel_mae=6.5): the policy's own typed config
     variant.denoise    # DenoiseSettings(num_steps=None, ...): Pi0.5 paths only (None for model-free ones)
-    variant.execution  # ExecutionSettings(timing="sync", latency="calibrated", fallback="hold"): every variant
+    variant.execution  # ExecutionSettings(timing="sync", latency="calibrated", ...): every variant
+    variant.rtc        # RTCSettings(rtc_schedule="linear", ...): Pi0.5 paths only, used where execution is rtc
 
 A variant's raw parameters are split by axis: the denoising knobs go to `DenoiseSettings`, the rest to the
 named policy's config dataclass. A new axis (episode timing, a latency model, noise repeats) is one more
@@ -21,6 +22,8 @@ from policies.cache import CACHE_POLICY_NAMES, REGISTRY
 from policies.expert import ExpertPolicy
 from policies.expert.expert import ExpertParams
 from policies.pi05.configuration import SCHEDULES, SOLVERS
+from policies.pi05.rtc import JACOBIANS, RTC_SCHEDULES
+from policies.serving.latency import MEASURED
 from policies.simple import HoldConfig, HoldPolicy
 
 
@@ -56,6 +59,7 @@ class DenoiseSettings:
 
 TIMINGS = ("sync", "realtime")
 FALLBACKS = ("hold", "repeat_last")
+EXECUTIONS = ("naive", "rtc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,31 +70,67 @@ class ExecutionSettings:
     ceil(cost x control rate) env steps after its query; libero_eval/execution.py). latency: the model that
     prices a frame (policies/serving/latency.py): `calibrated`, `measured` or a profile name. fallback: what
     the robot does in realtime when it runs out of actions: hold (zero motion, last gripper command) or
-    repeat_last (the last action again)."""
+    repeat_last (the last action again). execution (realtime): naive (the new chunk as sampled) | rtc
+    (real-time chunking: sampled as an inpainting of the chunk still executing; policies/pi05/rtc.py)."""
 
     timing: str = "sync"
     latency: str = "calibrated"
     fallback: str = "hold"
+    execution: str = "naive"
 
     def __post_init__(self) -> None:
         if self.timing not in TIMINGS:
             raise ValueError(f"timing: expected one of {', '.join(TIMINGS)}, got {self.timing!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution: expected one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
+        if self.execution == "rtc" and self.timing != "realtime":
+            raise ValueError(f"execution: rtc inpaints the chunk that keeps executing while the next one is "
+                             f"computed; it needs timing realtime, got timing {self.timing!r}")
+        if self.execution == "rtc" and self.latency == MEASURED:
+            raise ValueError("execution: rtc guides with this frame's delay, which must be known before its "
+                             "denoising: use a modelled latency (calibrated or a profile), not measured")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback: expected one of {', '.join(FALLBACKS)}, got {self.fallback!r}")
         if not isinstance(self.latency, str) or not self.latency:
             raise ValueError(f"latency: expected a latency model name, got {self.latency!r}")
 
     @property
-    def key(self) -> tuple[str, str]:
-        """What a variant is compared within: the baseline of the same timing and latency model."""
-        return self.timing, self.latency
+    def key(self) -> tuple[str, str, str]:
+        """What a variant is compared within: the baseline of the same timing, latency model and execution."""
+        return self.timing, self.latency, self.execution
+
+
+@dataclasses.dataclass(frozen=True)
+class RTCSettings:
+    """Real-time chunking's knobs (policies/pi05/rtc.py), used by `execution: rtc` variants. Defaults are
+    LeRobot 0.6.1's RTCConfig (the paper's experiments use the exp schedule and beta = 5).
+
+    rtc_schedule: prefix weights zeros | ones | linear | exp. rtc_max_guidance: beta, the clip of the
+    guidance weight. rtc_horizon: LeRobot's execution_horizon, how many of the leftover actions are guided
+    (clipped to the leftover's length). rtc_jacobian: identity (LeRobot 0.6.1: the weighted error itself)
+    | model (the paper: a vector-Jacobian product through the velocity network, eager PyTorch)."""
+
+    rtc_schedule: str = "linear"
+    rtc_max_guidance: float = 10.0
+    rtc_horizon: int = 10
+    rtc_jacobian: str = "identity"
+
+    def __post_init__(self) -> None:
+        if self.rtc_schedule not in RTC_SCHEDULES:
+            raise ValueError(f"rtc_schedule: expected one of {', '.join(RTC_SCHEDULES)}, got {self.rtc_schedule!r}")
+        if self.rtc_jacobian not in JACOBIANS:
+            raise ValueError(f"rtc_jacobian: expected one of {', '.join(JACOBIANS)}, got {self.rtc_jacobian!r}")
+        if not self.rtc_max_guidance > 0:
+            raise ValueError(f"rtc_max_guidance: expected a weight > 0, got {self.rtc_max_guidance!r}")
+        if isinstance(self.rtc_horizon, bool) or not isinstance(self.rtc_horizon, int) or self.rtc_horizon < 1:
+            raise ValueError(f"rtc_horizon: expected an integer >= 1, got {self.rtc_horizon!r}")
 
 
 # Policies without a model: name -> (Policy class, its config dataclass). Pi0.5 cache policies: policies.cache.
 MODEL_FREE: dict[str, tuple[type[Policy], type]] = {"hold": (HoldPolicy, HoldConfig), "expert": (ExpertPolicy, ExpertParams)}
 POLICY_NAMES = (*MODEL_FREE, *CACHE_POLICY_NAMES)
 # Per-variant axes besides the policy's own parameters: axis -> config class. Pi0.5 paths only ...
-AXES: dict[str, type] = {"denoise": DenoiseSettings}
+AXES: dict[str, type] = {"denoise": DenoiseSettings, "rtc": RTCSettings}
 # ... and for every variant
 GENERAL_AXES: dict[str, type] = {"execution": ExecutionSettings}
 
@@ -142,6 +182,7 @@ class PolicyVariant:
     policy: Any  # the policy's config dataclass (policies.cache.*Config, HoldConfig, ExpertParams)
     denoise: DenoiseSettings | None = None  # Pi0.5 paths only
     execution: ExecutionSettings = ExecutionSettings()
+    rtc: RTCSettings | None = None  # Pi0.5 paths only
 
     @property
     def param_dict(self) -> dict[str, Any]:
@@ -165,7 +206,8 @@ class PolicyVariant:
         return self.policy_class.needs_privileged
 
     def describe(self) -> dict[str, Any]:
-        return {"label": self.label, "name": self.name, **self.param_dict, **dataclasses.asdict(self.execution)}
+        rtc = dataclasses.asdict(self.rtc) if self.rtc is not None and self.execution.execution == "rtc" else {}
+        return {"label": self.label, "name": self.name, **self.param_dict, **dataclasses.asdict(self.execution), **rtc}
 
     @classmethod
     def make(cls, label: str, name: str, params: dict[str, Any] | None = None,
@@ -191,5 +233,8 @@ class PolicyVariant:
             if isinstance(exc, VariantError):
                 raise
             raise VariantError(f"policy {label!r}: {exc}") from None
+        if name in MODEL_FREE and by_axis["execution"].execution == "rtc":
+            raise VariantError(f"policy {label!r}: execution rtc guides a flow model's denoising; {name!r} has "
+                               "no model (use execution: naive)")
         return cls(label=label, name=name, params=tuple(sorted(params.items())), policy=policy,
-                   denoise=by_axis.get("denoise"), execution=by_axis["execution"])
+                   denoise=by_axis.get("denoise"), execution=by_axis["execution"], rtc=by_axis.get("rtc"))
