@@ -54,6 +54,7 @@ def build(run_dir: Path) -> dict:
     families: dict[str, dict[str, str]] = {}
     for label, row in rows.items():
         families.setdefault(row["family"], {})[execution_mode(row)] = label
+    none_family = families.get(rows[data.baseline]["family"], {}) if data.baseline in rows else {}
     out = []
     for family, modes in families.items():
         name = modes["sync"].replace("_timingsync", "") if "sync" in modes else min(modes.values(), key=len)
@@ -64,10 +65,14 @@ def build(run_dir: Path) -> dict:
             label = modes[mode]
             row = rows[label]
             base = data.baselines.get(label)
+            if base == label:  # a `none` with other RTC settings (e.g. the VJP): against the default none
+                base = none_family.get(mode)
             entry["modes"][mode] = {
                 "label": label, "successes": row["successes"], "n": row["n"], "success_rate": row["success_rate"],
                 "wilson_low": row["wilson_low"], "wilson_high": row["wilson_high"], "cost_ms": row["cost_ms"],
-                "speedup": row["speedup"], "delay_steps": row["delay_steps"], "reuse_rate": row["reuse_rate"],
+                "speedup": (rows[base]["cost_ms"] / row["cost_ms"] if base in rows and row["cost_ms"]
+                            and rows[base]["cost_ms"] else row["speedup"]),  # vs the none of its mode
+                "delay_steps": row["delay_steps"], "reuse_rate": row["reuse_rate"],
                 "rtc_frozen_dev": row.get("rtc_frozen_dev"),
                 "vs_none": paired(outcomes.get(base, {}), outcomes.get(label, {})) if base and base != label else None}
         for first, second in (("sync", "naive"), ("sync", "rtc"), ("naive", "rtc")):

@@ -216,11 +216,15 @@ def run(args: argparse.Namespace) -> int:
         stored = run_config(default_out.parent)
         entries = policy_entries(args.policies, args.policy)
         if not entries:  # the sweep's own variants, so the report pairs labels with closed-loop results
-            entries = [e for e in stored.get("policies", []) if e.get("name") not in MODEL_FREE] or DEFAULT_POLICIES
+            entries = [e for e in stored.get("policies", []) if e.get("name") not in MODEL_FREE
+                       and "rtc" not in str(e.get("execution", ""))] or DEFAULT_POLICIES  # (no clock offline)
         variants = expand_variants(entries)
         for v in variants:
             if v.model_free:
                 raise ValueError(f"policy {v.label!r} has no model to replay; use the Pi0.5 cache policies")
+            if v.execution.execution == "rtc":
+                raise ValueError(f"policy {v.label!r} executes rtc: replay serves recorded frames with no realtime "
+                                 "clock and no chunk in flight to guide towards; replay it without execution: rtc")
         if args.max_batch < 1 or (args.max_frames is not None and args.max_frames < 1):
             raise ValueError(f"--max-batch and --max-frames must be >= 1, got {args.max_batch}, {args.max_frames}")
         model = replay_model(args, stored)

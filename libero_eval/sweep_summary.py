@@ -163,10 +163,12 @@ def pick_baseline(labels: list[str], names: dict[str, str]) -> str | None:
 
 
 def pick_baselines(variants: dict[str, dict[str, Any]]) -> dict[str, str | None]:
-    """{label: its baseline}: the first `none` variant of the same timing, latency model and execution (variants:
-    label -> {"name", "timing", "latency", "execution", ...}; missing: sync / calibrated / naive)."""
-    def key(info: dict[str, Any]) -> tuple[str, str, str]:
-        return info.get("timing") or "sync", info.get("latency") or "calibrated", info.get("execution") or "naive"
+    """{label: its baseline}: the first `none` variant of the same timing, latency model, execution and RTC
+    settings (variants: label -> {"name", "timing", "latency", "execution", "rtc_*", ...}; missing: sync /
+    calibrated / naive / RTC defaults)."""
+    def key(info: dict[str, Any]) -> tuple:
+        rtc = tuple(sorted((k, v) for k, v in info.items() if k in RTC_DEFAULTS and RTC_DEFAULTS[k] != v))
+        return info.get("timing") or "sync", info.get("latency") or "calibrated", info.get("execution") or "naive", rtc
 
     out = {}
     for label, info in variants.items():

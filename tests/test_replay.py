@@ -155,6 +155,8 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
             "rtc_jacobian, rtc_max_guidance, rtc_schedule, schedule, solver, timing, window"
             in capsys.readouterr().err)
     assert rp.run(parse([str(tmp_path), "--policy", "hold"])) == 2
+    assert rp.run(parse([str(tmp_path), "--policy", "none:timing=realtime, execution=rtc"])) == 2
+    assert "executes rtc: replay serves recorded frames with no realtime clock" in capsys.readouterr().err
     assert rp.parse_policy("adaptive:window=3, pixel_mae=6.5") == {"name": "adaptive", "window": 3, "pixel_mae": 6.5}
 
 

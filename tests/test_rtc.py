@@ -189,6 +189,8 @@ def test_rtc_configs_are_checked_at_load():
         ({"execution": "rtc", "timing": "realtime", "rtc_horizon": 0}, "rtc_horizon: expected an integer >= 1"),
         ({"execution": "rtc", "timing": "realtime", "rtc_jacobian": "full"}, "rtc_jacobian: expected one of"),
         ({"execution": "chunked"}, "execution: expected one of naive, rtc"),
+        ({"execution": "rtc", "timing": "realtime", "rtc_max_guidance": float("inf")}, "rtc_max_guidance"),
+        ({"timing": "realtime", "rtc_schedule": "exp"}, "rtc_schedule only apply to execution: rtc"),
     ]:
         with pytest.raises(VariantError, match=message):
             PolicyVariant.make("v", "none", params)
@@ -215,6 +217,71 @@ def _profile_without_vjp() -> str:
 def test_each_rtc_variant_is_compared_with_the_rtc_baseline():
     config = load_config(CONFIGS / "small_heldout_rtc.yaml")
     baselines = pick_baselines({v.label: v.describe() for v in config.variants()})
-    assert baselines["fixed_window_rtc_window2"] == baselines["none_rtc_vjp"] == "none_rtc"
+    assert baselines["fixed_window_rtc_window2"] == "none_rtc"
+    assert baselines["none_rtc_vjp"] == "none_rtc_vjp"  # other RTC settings: not the identity-jacobian baseline
+    reordered = pick_baselines({v.label: v.describe() for v in reversed(config.variants())})
+    assert reordered["fixed_window_rtc_window2"] == "none_rtc"  # whichever none is listed first
     assert baselines["fixed_window_timingrealtime_window2"] == "none_timingrealtime"
     assert baselines["fixed_window_timingsync_window2"] == "none_timingsync"
+
+
+def test_plan_guidance_targets_the_robot_dims_of_what_is_left():
+    from policies.serving.rtc import ChunkInFlight, plan_guidance
+    from policies.serving.variants import RTCSettings
+
+    chunk = torch.arange(10 * 32, dtype=torch.float32).reshape(10, 32)
+    plan = plan_guidance(RTCSettings(rtc_horizon=3), ChunkInFlight(chunk, 4), 10, lambda guided: 2, 10, 32)
+    target = plan.guidance.target[0]
+    torch.testing.assert_close(target[:4, :7], chunk[6:, :7])  # the 4 actions left, robot dims only
+    assert not target[4:].any() and not target[:, 7:].any()  # zero-padded like LeRobot's leftover
+    assert plan.guided_actions == 3 and plan.delay == 2
+    assert plan.guidance.weights[0, :, 0].tolist() == pytest.approx([1, 1, 0.5, 0, 0, 0, 0, 0, 0, 0])
+
+
+def _two_queries(engine, variant, observations, clock=RealtimeClock(THOR, 20.0)):
+    engine.open("two", variant, 5, clock)
+    out = []
+    for step, obs in zip((0, 5), observations):
+        (result,) = engine.infer_batch([Request("two", {**obs, "env_step": step})])
+        if isinstance(result, BaseException):
+            raise result
+        out.append(result)
+    engine.close("two")
+    return out
+
+
+def _observations():
+    gen = np.random.default_rng(0)
+    return [{**WARMUP_OBSERVATION, "observation/image": gen.integers(0, 255, (224, 224, 3), dtype=np.uint8),
+             "observation/state": gen.normal(size=8).astype(np.float32)} for _ in range(2)]
+
+
+def test_the_engine_guides_rtc_chunks_towards_the_leftover(engine):
+    """Same seed and frames: the first query (nothing to inpaint) is the naive one; the second, guided towards
+    the 5 actions left of the first chunk, lands much nearer to them on the d actions the robot runs from the
+    old chunk; the model jacobian guides differently again."""
+    observations = _observations()
+    naive = _two_queries(engine, PolicyVariant.make("naive", "none", {"timing": "realtime"}), observations, None)
+    rtc = _two_queries(engine, _variant("rtc"), observations)
+    vjp = _two_queries(engine, _variant("rtc_vjp", rtc_jacobian="model"), observations)
+    np.testing.assert_array_equal(naive[0].actions, rtc[0].actions)
+    d = rtc[1].record.extra["rtc"]["delay_steps"]
+    left = rtc[0].actions[5:5 + d]
+    assert np.abs(rtc[1].actions[:d] - left).mean() < 0.5 * np.abs(naive[1].actions[:d] - left).mean()
+    assert np.abs(vjp[1].actions - rtc[1].actions).max() > 1e-3
+
+
+def test_guided_sessions_batched_together_get_what_they_get_alone(engine):
+    observations = _observations()
+    clock = RealtimeClock(THOR, 20.0)
+    variants = [_variant("rtc_a"), _variant("rtc_b", rtc_schedule="exp"), _variant("rtc_c")]
+    alone = [_two_queries(engine, v, observations)[1].actions for v in variants]
+    for i, v in enumerate(variants):
+        engine.open(f"b{i}", v, 5 + (i == 2), clock)  # rtc_c: another seed, so another leftover
+    for step, obs in zip((0, 5), observations):
+        results = engine.infer_batch([Request(f"b{i}", {**obs, "env_step": step}) for i in range(3)])
+    for i in range(3):
+        engine.close(f"b{i}")
+    np.testing.assert_allclose(results[0].actions, alone[0], atol=1e-6)
+    np.testing.assert_allclose(results[1].actions, alone[1], atol=1e-6)
+    assert np.abs(results[2].actions - alone[2]).max() > 1e-4  # its own seed: its own chunk, not a copy

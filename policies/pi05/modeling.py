@@ -338,6 +338,8 @@ class Pi05Model(nn.Module):
         predict = predict_velocity or self.predict_velocity
         dtype = self.action_out_proj.weight.dtype
         if guidance is not None:
+            if tuple(guidance.target.shape) != expected:
+                raise ValueError(f"guidance target {tuple(guidance.target.shape)} != noise shape {expected}")
             guidance = guidance.to(noise.device, dtype)
             if guidance.jacobian == "model" and prefix_kv.keys[0].is_inference():
                 with torch.inference_mode(False):  # autograd cannot save inference tensors for backward

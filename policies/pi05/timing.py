@@ -76,13 +76,16 @@ def time_stages(
 def rtc_functions(stages: Pi05Model | Pi05Backend, inputs: Pi05Inputs,
                   noise: torch.Tensor) -> dict[str, Callable[[], Any]]:
     """The denoising loop guided by real-time chunking (policies/pi05/rtc.py), both jacobians, towards a
-    synthetic leftover (half a chunk, delay 3, linear weights): what an RTC frame adds to `denoise`."""
+    synthetic leftover (half a chunk, delay 3, linear weights), and the plain loop on the eager model
+    (`denoise_eager`: the model jacobian runs eager whatever the backend, so its VJP is priced against it)."""
     prefix = stages.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks)
     prefix_kv = stages.compute_prefix_kv(prefix)
+    eager = stages.model if isinstance(stages, Pi05Backend) else stages
     b, horizon, _ = noise.shape
     target = torch.zeros_like(noise)
     target[:, : horizon // 2] = noise[:, : horizon // 2].flip(-1)
     weights = prefix_weights("linear", 3, horizon // 2, horizon).to(noise.device)[None, :, None].expand(b, -1, -1)
     guided = {jac: Guidance(target, weights, 10.0, jac) for jac in JACOBIANS}
-    return {f"denoise_rtc_{jac}": (lambda g=g: stages.denoise(prefix_kv, prefix.pad_mask, noise, guidance=g))
-            for jac, g in guided.items()}
+    fns = {f"denoise_rtc_{jac}": (lambda g=g: stages.denoise(prefix_kv, prefix.pad_mask, noise, guidance=g))
+           for jac, g in guided.items()}
+    return {"denoise_eager": lambda: eager.denoise(prefix_kv, prefix.pad_mask, noise), **fns}

@@ -157,8 +157,9 @@ def calibrate(stages, config, device, repeats: int = 5, warmup: int = 1, name: s
     """Per-stage medians at batch 1 on `device` (policies.pi05.timing: the same machinery as
     benchmarks/bench_pi05.py): the vision tower over all camera slots, one full prefix pass, and the
     checkpoint's denoising loop (Euler, `config.num_steps` velocity evaluations) divided by its evaluations,
-    so the loop's own per-step work is in the price. `vjp_eval_ms`: the same loop guided by RTC with the
-    model jacobian, minus the plain loop, per evaluation. `stages` is a Pi05Model or a backend over it."""
+    so the loop's own per-step work is in the price. `vjp_eval_ms`: the loop guided by RTC with the model
+    jacobian (eager PyTorch on any backend) minus the eager plain loop, per evaluation. `stages` is a
+    Pi05Model or a backend over it."""
     import torch  # the policies package's model layer pulls torch; the profile arithmetic above does not
 
     from policies.pi05.timing import rtc_functions, stage_functions, synthetic_inputs, time_stages  # (same reason)
@@ -167,9 +168,10 @@ def calibrate(stages, config, device, repeats: int = 5, warmup: int = 1, name: s
     with torch.inference_mode():
         fns = stage_functions(stages, inputs, noise)
         fns = {k: fns[k] for k in ("vision", "prefix", "denoise")}
-        fns["denoise_vjp"] = rtc_functions(stages, inputs, noise)["denoise_rtc_model"]
+        rtc = rtc_functions(stages, inputs, noise)
+        fns.update({"denoise_eager": rtc["denoise_eager"], "denoise_vjp": rtc["denoise_rtc_model"]})
         timed = time_stages(fns, torch.device(device), warmup, repeats)
-    vjp = max(0.0, timed["denoise_vjp"]["median_ms"] - timed["denoise"]["median_ms"]) / config.num_steps
+    vjp = max(0.0, timed["denoise_vjp"]["median_ms"] - timed["denoise_eager"]["median_ms"]) / config.num_steps
     return LatencyProfile(name=name, vision_ms=round(timed["vision"]["median_ms"], 4),
                           prefix_ms=round(timed["prefix"]["median_ms"], 4),
                           velocity_eval_ms=round(timed["denoise"]["median_ms"] / config.num_steps, 4),

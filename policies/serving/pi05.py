@@ -194,6 +194,8 @@ class Pi05Engine(Engine):
             record.extra.update(batch_info(batch_size, started, items[row.position][1]))
             results[row.position] = ActionChunk(row.actions, record)
             row.session.index += 1
+            if row.rtc is not None:  # the next query's guide: this chunk, issued at this query's step
+                row.session.chunk = ChunkInFlight(row.model_actions, row.rtc.step)
         return results  # type: ignore[return-value]
 
     def _admit(self, position: int, request: Request, session: Session) -> _Row:
@@ -295,8 +297,6 @@ class Pi05Engine(Engine):
         outputs = FrameOutputs(prefix_kv=row.prefix_kv, prefix_mask=row.prefix_mask, prefix_entropy=row.entropy,
                                prefix_relevance=row.relevance, denoise_attention=row.denoise_attention)
         row.session.policy.update(row.frame, row.decision, outputs, row.session.state)
-        if row.rtc is not None:
-            row.session.chunk = ChunkInFlight(row.model_actions, row.rtc.step)
 
     def _shadow(self, rows: list[_Row]) -> None:
         """The full path (same noise, same denoising knobs) for every row that did not run it."""

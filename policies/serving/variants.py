@@ -14,6 +14,7 @@ typed field here and one more entry in `AXES`, not a new path through the code. 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any
 
@@ -120,7 +121,7 @@ class RTCSettings:
             raise ValueError(f"rtc_schedule: expected one of {', '.join(RTC_SCHEDULES)}, got {self.rtc_schedule!r}")
         if self.rtc_jacobian not in JACOBIANS:
             raise ValueError(f"rtc_jacobian: expected one of {', '.join(JACOBIANS)}, got {self.rtc_jacobian!r}")
-        if not self.rtc_max_guidance > 0:
+        if not (self.rtc_max_guidance > 0 and math.isfinite(self.rtc_max_guidance)):
             raise ValueError(f"rtc_max_guidance: expected a weight > 0, got {self.rtc_max_guidance!r}")
         if isinstance(self.rtc_horizon, bool) or not isinstance(self.rtc_horizon, int) or self.rtc_horizon < 1:
             raise ValueError(f"rtc_horizon: expected an integer >= 1, got {self.rtc_horizon!r}")
@@ -233,6 +234,11 @@ class PolicyVariant:
             if isinstance(exc, VariantError):
                 raise
             raise VariantError(f"policy {label!r}: {exc}") from None
+        rtc_given = sorted(k for k in params if axis_fields.get(k) == "rtc")
+        if rtc_given and by_axis["execution"].execution != "rtc":
+            raise VariantError(f"policy {label!r}: {', '.join(rtc_given)} only apply to execution: rtc, and this "
+                               f"variant executes {by_axis['execution'].execution!r} (list RTC variants in an entry "
+                               "of their own)")
         if name in MODEL_FREE and by_axis["execution"].execution == "rtc":
             raise VariantError(f"policy {label!r}: execution rtc guides a flow model's denoising; {name!r} has "
                                "no model (use execution: naive)")
