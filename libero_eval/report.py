@@ -27,6 +27,7 @@ from libero_eval.specs import EpisodeResult
 from libero_eval.stats import wilson_interval
 from libero_eval.store import RESULTS_FILE, ResultStore
 from libero_eval.sweep_summary import REUSE_DECISIONS, pick_baseline, pick_baselines, policy_rows
+from libero_eval.trained_on import overlap_warning
 from tasks import registry
 
 REPLAY_SUMMARY = Path("replay") / "replay_summary.json"
@@ -305,6 +306,10 @@ def _notes(data: RunData) -> list[str]:
     if model.get("kind") == "tiny" and any(v["name"] not in MODEL_FREE for v in data.variants.values()):
         notes.append("the model has random weights (model.kind=tiny): success rates mean nothing here and need a "
                      "real checkpoint; decisions, reuse rate, latency and shadow deviation still differ")
+    if data.config:
+        warning = overlap_warning(data.config, sorted({(r.suite, r.task_id, r.trial) for r in data.results}))
+        if warning:
+            notes.append(warning)
     errors = [r for r in data.results if r.status == "error"]
     if errors:
         notes.append(f"{len(errors)} episode(s) ended in an error and are not counted as task failures")

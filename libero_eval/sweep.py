@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -29,6 +30,7 @@ from libero_eval.execution import resolve_latencies
 from libero_eval.ray_actors import PolicyActor, RolloutWorker
 from libero_eval.specs import EpisodeResult, EpisodeSpec
 from libero_eval.store import INFRA_REASONS, ResultStore
+from libero_eval.trained_on import overlap_warning
 from tasks import layout, registry
 
 log = logging.getLogger("libero_eval")
@@ -165,6 +167,9 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
     run_dir = prepare_run_dir(config, out)
     store = ResultStore(run_dir)
     specs = plan_episodes(config)
+    warning = overlap_warning(config, [(s, t, k) for s, t in config.task_list() for k in config.trial_list()])
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     done = store.finished_keys()
     todo = [s for s in specs if s.key not in done]
     attempts_log = run_dir / "attempts.jsonl"

@@ -13,6 +13,7 @@ from libero_eval.learning import commands
 from libero_eval.learning.dataset import DATASET_FILE, MANIFEST_FILE, DatasetError, load_datasets, load_demos
 from libero_eval.learning.training import (TrainError, TrainSettings, flow_matching_loss, init_from_checkpoint,
                                            quantile_stats, read_metrics, train)
+from libero_eval.trained_on import read_trained_on
 from policies.pi05.configuration import small
 from policies.pi05.modeling import Pi05Model
 from policies.pi05.stages import Pi05Inputs
@@ -138,6 +139,8 @@ def test_train_exports_a_loadable_checkpoint_and_resumes(tmp_path):
 
     policy = Pi05Policy.from_checkpoint(out / "checkpoint")
     assert policy.model.config == small()
+    trained = read_trained_on(out / "checkpoint")  # the train-split init states, for the sweep's warning
+    assert trained == {"libero_spatial": {0: {0, 1}}}  # 3 episodes, the last one held out
     policy.reset("e", 7)
     rng = np.random.default_rng(0)
     obs = {"observation/image": rng.integers(0, 255, (224, 224, 3), dtype=np.uint8),  # the protocol's size

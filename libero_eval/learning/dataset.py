@@ -54,6 +54,18 @@ def episode_file(suite: str, task_id: int, trial: int) -> str:
     return f"{suite}/task{task_id:02d}/trial{trial:02d}.npz"
 
 
+def trained_init_states(demos: str) -> dict[str, dict[str, list[int]]]:
+    """{suite: {task: init states}} of the kept train-split episodes of comma-separated dataset dirs (what a
+    checkpoint trained on them must not be evaluated on: libero_eval/trained_on.py)."""
+    out: dict[str, dict[str, set[int]]] = {}
+    for root in (d.strip() for d in demos.split(",") if d.strip()):
+        for row in read_manifest(root):
+            if is_kept(row) and row["split"] == "train":
+                out.setdefault(row["suite"], {}).setdefault(str(row["task_id"]), set()).add(int(row["trial"]))
+    return {suite: {task: sorted(trials) for task, trials in sorted(tasks.items(), key=lambda kv: int(kv[0]))}
+            for suite, tasks in sorted(out.items())}
+
+
 def read_manifest(out: str | Path) -> list[dict[str, Any]]:
     path = Path(out) / MANIFEST_FILE
     if not path.is_file():

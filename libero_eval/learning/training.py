@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from libero_eval.learning.dataset import DemoSamples, NoEpisodes, load_datasets
+from libero_eval.learning.dataset import DemoSamples, NoEpisodes, load_datasets, trained_init_states
+from libero_eval.trained_on import write_trained_on
 from policies.pi05.checkpoint import OUR_CONFIG_FILE, WEIGHTS_FILE, save_weights
 from policies.pi05.configuration import Pi05Config
 from policies.pi05.modeling import Pi05Model
@@ -216,8 +217,9 @@ def _lr(step: int, s: TrainSettings) -> float:
 
 
 def export_checkpoint(model: Pi05Model, config: Pi05Config, norm: dict[str, dict[str, np.ndarray]],
-                      directory: Path) -> None:
-    """A checkpoint directory `Pi05Policy.from_checkpoint` loads: weights, config, norm stats, tokenizer."""
+                      directory: Path, demos: str | None = None) -> None:
+    """A checkpoint directory `Pi05Policy.from_checkpoint` loads: weights, config, norm stats, tokenizer, and
+    (given the demo datasets) the init states it was trained on (libero_eval/trained_on.py)."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -225,6 +227,8 @@ def export_checkpoint(model: Pi05Model, config: Pi05Config, norm: dict[str, dict
     (tmp / OUR_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     save_openpi_norm_stats(tmp / "norm_stats.json", norm["state"], norm["actions"])
     shutil.copy(TINY_TOKENIZER, tmp / "tokenizer.model")
+    if demos:
+        write_trained_on(tmp, trained_init_states(demos), demos)
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
 
@@ -282,7 +286,7 @@ def train(s: TrainSettings, progress: bool = True) -> dict[str, Any]:
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                     "gen": gen.get_state(), "step": step, "norm": norm, "settings": dataclasses.asdict(s)}, tmp)
         tmp.replace(state_path)
-        export_checkpoint(ema, config, norm, out / "checkpoint")
+        export_checkpoint(ema, config, norm, out / "checkpoint", s.demos)
 
     metrics = (out / METRICS_FILE).open("a")
     bar = tqdm(total=s.steps, initial=step, desc="train", unit="step", disable=not progress)
