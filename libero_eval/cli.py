@@ -111,6 +111,9 @@ SWEEP_EXAMPLES = """examples:
   libero-eval sweep configs/smoke.yaml
   libero-eval sweep configs/libero_spatial.yaml model.checkpoint=/ckpt/pi05_libero trials=10
   libero-eval sweep configs/smoke.yaml ray.num_workers=1 --out runs/smoke_1w
+  # realtime under the Thor latency profile, naive and with real-time chunking (README "Speed"):
+  libero-eval sweep configs/smoke.yaml latency=thor_trt_fp8 "policies=[{name: none, timing: [sync, realtime]},
+      {name: none, label: rtc, timing: realtime, execution: rtc}]"
 
 Interrupt (Ctrl-C) and rerun the same command to resume: stored episodes are skipped; a run directory made
 with a different config is refused with the differences listed.
