@@ -199,13 +199,14 @@ def _success(row: dict[str, Any]) -> str:
 
 def policy_table(data: RunData) -> tuple[list[str], list[list[str]]]:
     header = ["policy", "suite", "success [95% CI]", "vs baseline", "reuse", "latency ms (model)", "Hz", "speedup",
-              "delay steps", "shadow cos (mean/min)", "full frames by reason", "errors"]
+              "delay steps", "shadow cos, executed actions (mean/min)", "full frames by reason", "errors"]
     body = []
     for r in data.rows:
         paired = (f"-{r['base_only']}/+{r['variant_only']} p={r['mcnemar_p']:.2f}" if "pairs" in r
                   else "(baseline)" if r["policy"] == r.get("baseline") else "-")
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["full_by_reason"].items(), key=lambda kv: -kv[1]))
-        shadow = "-" if r["shadow_cos_mean"] is None else f"{r['shadow_cos_mean']:.3f} / {r['shadow_cos_min']:.3f}"
+        shadow = ("-" if r.get("shadow_exec_mean") is None
+                  else f"{r['shadow_exec_mean']:.3f} / {r['shadow_exec_min']:.3f}")
         body.append([r["policy"], r["suite"], _success(r), paired, _pct(r["reuse_rate"]), _num(r["cost_ms"]),
                      _num(r["hz"]), _num(r["speedup"], ".2f") + ("x" if r["speedup"] else ""),
                      _num(r["delay_steps"]), shadow, reasons or "-", str(r["errors"])])

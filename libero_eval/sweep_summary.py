@@ -69,8 +69,12 @@ def policy_rows(results: list[EpisodeResult], baseline: str | dict[str, str | No
                 "delay_steps": _mean_field(records, "delay_steps") if any(r.policy.get("timing") == "realtime"
                                                                            for r in ok) else None,
                 "fallback_actions": sum(rec.get("fallback_actions", 0) for rec in records),
+                # shadow mode: cosine vs the full path's chunk on the same frame, over the whole chunk ...
                 "shadow_cos_mean": _mean_signal(records, "shadow_cos"),
                 "shadow_cos_min": _min_signal(records, "shadow_cos"),
+                # ... and over the actions executed (the first replan_steps): what the table shows
+                "shadow_exec_mean": _mean_signal(records, "shadow_cos_executed"),
+                "shadow_exec_min": _min_signal(records, "shadow_cos_executed"),
                 # RTC: max |new - executed| over the actions the robot runs from the old chunk (normalised)
                 "rtc_frozen_dev": _mean_signal(records, "rtc_frozen_dev"),
             }
@@ -117,7 +121,7 @@ def _min_signal(records, name):
 
 
 SWEEP_HEADERS = ["policy", "suite", "success (95% CI)", "vs {baseline}", "reuse", "lat ms", "Hz", "speedup", "delay",
-                 "shadow cos", "full frames by reason"]
+                 "shadow exec", "full frames by reason"]
 
 
 def format_table(rows: list[dict[str, Any]], baseline: str | dict[str, str | None] | None) -> str:
@@ -129,7 +133,8 @@ def format_table(rows: list[dict[str, Any]], baseline: str | dict[str, str | Non
     table = tables.format_table(headers, [_table_row(r) for r in rows], align="<<<<>>>>>><")
     legend = ["lat ms / Hz / speedup: each frame's modelled cost under its latency model (the stages it ran, "
               "priced at batch 1), not the batch's wall time;", "  delay: env steps a realtime chunk arrives late "
-              "(mean)."]
+              "(mean); shadow exec: cosine of the executed actions vs the full path's", "  on the same frame "
+              "(shadow mode), mean/min over frames."]
     if name is not None and any("pairs" in r for r in rows):
         who = "its baseline (none, same timing, latency model and execution)" if several else name
         legend.insert(0, f"vs {name}: -b/+c = paired episodes (same task, init state, seed) where only {who} "
@@ -151,7 +156,13 @@ def _table_row(r: dict[str, Any]) -> list[str]:
     fmt = tables.fmt
     return [r["policy"], r["suite"], success, paired, fmt(r["reuse_rate"], ".0%"), fmt(r.get("cost_ms"), ".1f"),
             fmt(r.get("hz"), ".1f"), fmt(r["speedup"], ".2f", "x"), fmt(r.get("delay_steps"), ".1f"),
-            fmt(r["shadow_cos_mean"], ".3f"), reasons]
+            _shadow_exec(r), reasons]
+
+
+def _shadow_exec(r: dict[str, Any]) -> str:
+    if r.get("shadow_exec_mean") is None:
+        return "-"
+    return f"{r['shadow_exec_mean']:.3f}/{r['shadow_exec_min']:.3f}"
 
 
 def pick_baseline(labels: list[str], names: dict[str, str]) -> str | None:
