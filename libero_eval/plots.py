@@ -53,8 +53,9 @@ def success_by_policy(rows: list[dict[str, Any]], baseline: str | None = None,
     colours = [HIGHLIGHT_COLOUR if r["policy"] == highlight else BASELINE_COLOUR if r["policy"] == baseline
                else BAR_COLOUR for r in data]
     ax.bar(xs, rates, color=colours, yerr=[[b[0] for b in bars], [b[1] for b in bars]], capsize=4, ecolor="black")
-    for x, r in zip(xs, data):
-        ax.annotate(f"{r['successes']}/{r['n']}", (x, 0.02), ha="center", color="white", fontsize=8)
+    for x, rate, r in zip(xs, rates, data):  # inside a bar in white, above an empty one in black
+        ax.annotate(f"{r['successes']}/{r['n']}", (x, 0.02), ha="center", fontsize=8,
+                    color="white" if rate >= 0.08 else "black")
     ax.set_xticks(list(xs), [r["policy"] for r in data], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate (95% Wilson)")
@@ -226,9 +227,11 @@ def sync_vs_realtime(rows: list[dict[str, Any]]) -> bytes | None:
         xs = [i + (j - (len(modes) - 1) / 2) * width for i, _ in present]
         ax.bar(xs, rates, width, color=colours[mode], label=MODE_LABELS[mode],
                yerr=[[b[0] for b in bars], [b[1] for b in bars]], capsize=3, ecolor="black")
-        for x, (_, r) in zip(xs, present):
-            ax.annotate(f"{r['successes']}/{r['n']}", (x, 0.02), ha="center", color="white", fontsize=7)
-    labels = [min((r["policy"] for r in t.values()), key=len) for _, t in pairs]
+        for x, rate, (_, r) in zip(xs, rates, present):  # inside a bar in white, above an empty one in black
+            ax.annotate(f"{r['successes']}/{r['n']}", (x, 0.02), ha="center", fontsize=7,
+                        color="white" if rate >= 0.08 else "black")
+    labels = [t["sync"]["policy"].replace("_timingsync", "") if "sync" in t
+              else min((r["policy"] for r in t.values()), key=len) for _, t in pairs]
     ax.set_xticks(list(range(len(pairs))), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate (95% Wilson)")
