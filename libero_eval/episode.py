@@ -25,7 +25,7 @@ from policies.base import IMAGE_KEY, PRIVILEGED_KEY, PROMPT_KEY, STATE_KEY, STEP
 from policies.serving.variants import EXECUTIONS, ExecutionSettings
 from tasks import protocol, registry
 from tasks.env import LiberoEnv, RenderError
-from tasks.video import VideoWriter, hud_frame
+from tasks.video import VideoWriter, closing_card, hud_frame, signal_text
 
 from libero_eval.execution import ChunkExecutor, LatencyModel, frame_cost_us
 from libero_eval.observations import save_observations
@@ -88,6 +88,22 @@ class EpisodeConfig:
         for name in ("replan_steps", "num_steps_wait", "video_fps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+
+
+def hud_lines(spec: EpisodeSpec, record: dict | None, env_step: int, realtime: bool) -> list[str]:
+    """The three HUD lines of a video frame (tasks/video.py) after query `record` (None: settling)."""
+    episode = f"{spec.suite} t{spec.task_id} trial {spec.trial}"
+    if record is None:
+        return [f"step {env_step}  settle", spec.policy_label, episode]
+    delay = f"  +{record['delay_steps']} late" if realtime else ""
+    signal = signal_text(record)
+    return [f"step {env_step}  q{record['index']} {record['decision'].upper()} {record['reason']}{delay}",
+            spec.policy_label + (f"  {signal}" if signal else ""), episode]
+
+
+def closing_lines(spec: EpisodeSpec, task, status: str, reason: str, steps: int) -> list[str]:
+    return [f"{reason} at step {steps}", spec.policy_label, f"{spec.suite} task {spec.task_id} trial {spec.trial}",
+            str(task.language)[:60]]
 
 
 def policy_observation(raw_obs: dict, prompt: str, privileged: dict | None = None, images: bool = True) -> dict:
@@ -158,16 +174,20 @@ def run_episode(
         images = [protocol.model_image(raw_obs[protocol.AGENTVIEW])]
         if settings.video_wrist:
             images.append(protocol.model_image(raw_obs[protocol.WRIST]))
-        if last_record is None:
-            lines, decision = [f"step {env_step}  settle"], None
-        else:
-            delay = f"  +{last_record['delay_steps']} steps late" if execution.timing == "realtime" else ""
-            lines = [
-                f"step {env_step}  q{last_record['index']} {last_record['decision'].upper()} {last_record['reason']}{delay}",
-                f"{task.suite} t{task.task_id} trial {spec.trial}",
-            ]
+        lines, decision = hud_lines(spec, last_record, env_step, execution.timing == "realtime"), None
+        if last_record is not None:
             decision = last_record["decision"]
         writer.append(hud_frame(images, lines, decision))
+
+    def close_video() -> None:
+        """The scene at the last step (a success between two queries is seen) and a closing card."""
+        try:
+            frame(env.observe_state(env.get_sim_state()), steps)
+            card = closing_card(writer.width, writer.height, status, closing_lines(spec, task, status, reason, steps))
+            for _ in range(settings.video_fps):  # one second
+                writer.append(card)
+        except Exception as exc:  # the episode's result stands without its last frames
+            logging.getLogger("libero_eval").warning("closing frames of %s not written: %s", spec.key, exc)
 
     video_on = settings.video != "none" and run_dir is not None
     # recorded observations feed `libero-eval replay` (image-reading cache policies): they always carry images
@@ -250,6 +270,8 @@ def run_episode(
             if done:
                 status, reason = "success", "done"
                 break
+        if writer is not None:
+            close_video()
         outcome = True
     except _EpisodeError as exc:
         status, reason = "error", exc.reason

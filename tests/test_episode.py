@@ -79,8 +79,8 @@ def test_every_step_video_has_one_frame_per_step(spatial_env, tmp_path):
     result = run_episode(EpisodeSpec("libero_spatial", 0, 4, "hold", 7), spatial_env, HoldPolicy(),
                          EpisodeConfig(video="every_step", video_wrist=False), run_dir=tmp_path)
     frames = _frames(tmp_path / result.video)
-    assert result.video_frames == 7 and len(frames) == 7
-    assert frames[0].shape == (224 + 32, 224, 3)
+    assert result.video_frames == 7 + 1 + 10 and len(frames) == 18  # + the last step's scene, a 1-s closing card
+    assert frames[0].shape == (224 + 48, 224, 3)
 
 
 def test_cli_run_writes_results_and_videos_and_resumes(tmp_path, capsys):
@@ -95,8 +95,8 @@ def test_cli_run_writes_results_and_videos_and_resumes(tmp_path, capsys):
     assert first["key"] == "hold/libero_spatial/task00/trial00" and first["status"] == "failure"
     video = out / first["video"]
     frames = _frames(video)
-    assert len(frames) == first["video_frames"] == 3  # queries at actions 0, 5, 10
-    assert frames[0].shape == (256, 448, 3)  # agentview | wrist above the HUD strip
+    assert len(frames) == first["video_frames"] == 3 + 1 + 10  # queries at 0, 5, 10; step 12; the closing card
+    assert frames[0].shape == (272, 448, 3)  # agentview | wrist above the HUD strip
     digest = hashlib.sha256(video.read_bytes()).hexdigest()
     assert "0/1" in capsys.readouterr().out
 

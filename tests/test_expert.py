@@ -49,12 +49,40 @@ def test_expert_solves_a_full_protocol_episode_without_rendering(spatial_env, tm
 
 
 @pytest.mark.slow
-def test_expert_video_renders_every_replan_steps_only(spatial_env, tmp_path):
-    settings = EpisodeConfig(video="query", replan_steps=5)
-    result = run_episode(_spec(0, max_steps=12), spatial_env, ExpertPolicy(), settings, tmp_path)
+def test_expert_video_renders_every_replan_steps_only_and_its_hud_says_what_happened(spatial_env, tmp_path):
+    """Frames at the query-mode steps 0, 5, 10, the scene at the last step (12) and a one-second closing
+    card; the loop renders two cameras per query frame, none for the other steps. The decoded video's HUD strip and closing card
+    match reference renderings of the same text within the codec's tolerance (and not of other text)."""
+    import imageio.v2 as imageio  # the decoder: only this test reads a video back
+
+    from libero_eval.episode import closing_lines, hud_lines
+    from tasks.video import HUD_HEIGHT, closing_card, hud_frame
+
+    settings = EpisodeConfig(video="query", replan_steps=5, video_fps=10)
+    spec = _spec(0, max_steps=12)
+    result = run_episode(spec, spatial_env, ExpertPolicy(), settings, tmp_path)
     assert result.status == "failure" and result.reason == "max_steps"
-    assert result.video_frames == 3  # steps 0, 5, 10
-    assert result.env_stats["renders"] == 3 * 2  # two cameras for each frame, none for the other 9 steps
+    assert result.video_frames == 3 + 1 + 10
+    assert result.env_stats["renders"] == 3 * 2  # the loop's; the last step's scene renders like a reset does
+    frames = [np.asarray(f, dtype=np.float32) for f in imageio.get_reader(str(tmp_path / result.video))]
+    assert len(frames) == 14
+    height, width = frames[0].shape[:2]
+
+    def strip(lines):  # a reference HUD strip under blank images: the strip does not depend on them
+        blank = np.zeros((height - HUD_HEIGHT, width, 3), dtype=np.uint8)
+        return hud_frame([blank], lines, result.records[5]["decision"])[-HUD_HEIGHT:].astype(np.float32)
+
+    lines = hud_lines(spec, result.records[5], 5, realtime=False)  # frame 1: step 5, after query 5
+    assert lines[1] == "expert" and lines[0].startswith("step 5  q5 EXPERT")
+    def off(a, b):  # share of pixels off by more than a codec's error: text that differs, not compression
+        return float((np.abs(a - b) > 96).mean())
+
+    decoded = frames[1][-HUD_HEIGHT:]
+    other = strip(hud_lines(spec, result.records[6], 6, realtime=False))  # "step 6  q6": two characters apart
+    assert off(decoded, strip(lines)) < 0.002 and 4 * off(decoded, strip(lines)) < off(decoded, other)
+    card = closing_card(width, height, "failure", closing_lines(spec, spatial_env.task, "failure", "max_steps", 12))
+    wrong = closing_card(width, height, "success", closing_lines(spec, spatial_env.task, "success", "done", 12))
+    assert off(frames[-1], card) < 0.002 and 4 * off(frames[-1], card) < off(frames[-1], wrong)
 
 
 def test_expert_needs_privileged_state():

@@ -153,7 +153,7 @@ def test_videos_are_logged_decodable_and_captioned(logged):
             assert video["_type"] == "video-file"
             frames = imageio.mimread(run.file(video["path"]), memtest=False)
             assert len(frames) == r.video_frames == FRAMES
-            assert frames[0].shape == (96, 64, 3)  # 64-px image + the 32-px HUD
+            assert frames[0].shape == (112, 64, 3)  # 64-px image + the 48-px HUD
             outcome = "SUCCESS" if r.success else "FAILURE (max_steps)"
             assert video["caption"] == f"task {r.task_id} name | {SUITE} task {r.task_id} trial {r.trial} | {outcome}"
             assert row["timeline"]["_type"] == "image-file" and run.file(row["timeline"]["path"]).is_file()
