@@ -17,27 +17,22 @@ from pathlib import Path
 
 from libero_eval.plots import MODE_LABELS, MODES, execution_mode, overall_rows
 from libero_eval.report import load_run
-from libero_eval.stats import detectable_difference, mcnemar_exact
+from libero_eval.sweep_summary import paired
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def paired(a: dict, b: dict) -> dict | None:
-    """b vs a on the episodes both have: {-b/+c, p, detectable} (a: {pair key: success})."""
-    keys = sorted(set(a) & set(b))
-    if not keys:
-        return None
-    only_a = sum(a[k] and not b[k] for k in keys)
-    only_b = sum(b[k] and not a[k] for k in keys)
-    return {"pairs": len(keys), "only_first": only_a, "only_second": only_b, "p": mcnemar_exact(only_a, only_b),
-            "detectable": detectable_difference(len(keys), only_a + only_b)}
+def compare(first: dict, second: dict) -> dict | None:
+    """`second` vs `first` on the episodes both have (sweep_summary.paired); None when they share none."""
+    p = paired(first, second)
+    return p if p["pairs"] else None
 
 
 def _fmt_pair(p: dict | None) -> str:
     if p is None:
         return "-"
     detectable = "none detectable" if p["detectable"] is None else f">= {100 * p['detectable']:.0f} pt"
-    return f"-{p['only_first']}/+{p['only_second']} p={p['p']:.2f} ({detectable})"
+    return f"-{p['base_only']}/+{p['variant_only']} p={p['mcnemar_p']:.2f} ({detectable})"
 
 
 def _fmt_success(r: dict) -> str:
@@ -74,10 +69,10 @@ def build(run_dir: Path) -> dict:
                             and rows[base]["cost_ms"] else row["speedup"]),  # vs the none of its mode
                 "delay_steps": row["delay_steps"], "reuse_rate": row["reuse_rate"],
                 "rtc_frozen_dev": row.get("rtc_frozen_dev"),
-                "vs_none": paired(outcomes.get(base, {}), outcomes.get(label, {})) if base and base != label else None}
+                "vs_none": compare(outcomes.get(base, {}), outcomes.get(label, {})) if base and base != label else None}
         for first, second in (("sync", "naive"), ("sync", "rtc"), ("naive", "rtc")):
             if first in modes and second in modes:
-                entry[f"{second}_vs_{first}"] = paired(outcomes[modes[first]], outcomes[modes[second]])
+                entry[f"{second}_vs_{first}"] = compare(outcomes[modes[first]], outcomes[modes[second]])
         out.append(entry)
     return {"run_dir": str(run_dir), "name": data.name, "state": data.state, "variants": out}
 

@@ -174,10 +174,8 @@ def run_episode(
         images = [protocol.model_image(raw_obs[protocol.AGENTVIEW])]
         if settings.video_wrist:
             images.append(protocol.model_image(raw_obs[protocol.WRIST]))
-        lines, decision = hud_lines(spec, last_record, env_step, execution.timing == "realtime"), None
-        if last_record is not None:
-            decision = last_record["decision"]
-        writer.append(hud_frame(images, lines, decision))
+        lines = hud_lines(spec, last_record, env_step, execution.timing == "realtime")
+        writer.append(hud_frame(images, lines, last_record["decision"] if last_record else None))
 
     def close_video() -> None:
         """The scene at the last step (a success between two queries is seen) and a closing card."""

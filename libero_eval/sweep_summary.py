@@ -79,18 +79,20 @@ def policy_rows(results: list[EpisodeResult], baseline: str | dict[str, str | No
                 "rtc_frozen_dev": _mean_signal(records, "rtc_frozen_dev"),
             }
             if base is not None and label != base:
-                b = c = pairs = 0
-                for r in ok:
-                    key = (r.suite, r.task_id, r.trial)
-                    if key in base_by_pair:
-                        pairs += 1
-                        b += base_by_pair[key] and not r.success
-                        c += (not base_by_pair[key]) and r.success
-                row.update({"pairs": pairs, "base_only": b, "variant_only": c, "mcnemar_p": mcnemar_exact(b, c),
-                            # the smallest success difference these pairs could detect (stats.detectable_difference)
-                            "detectable": detectable_difference(pairs, b + c)})
+                row.update(paired(base_by_pair, {(r.suite, r.task_id, r.trial): r.success for r in ok}))
             rows.append(row)
     return rows
+
+
+def paired(first: dict, second: dict) -> dict[str, Any]:
+    """`second` against `first` ({(suite, task, trial): success}) on the episodes both have: the discordant
+    pairs (only `first` / only `second` succeeded), the exact McNemar p and the smallest success difference
+    those pairs could detect (stats.detectable_difference)."""
+    keys = set(first) & set(second)
+    b = sum(bool(first[k]) and not second[k] for k in keys)
+    c = sum((not first[k]) and bool(second[k]) for k in keys)
+    return {"pairs": len(keys), "base_only": b, "variant_only": c, "mcnemar_p": mcnemar_exact(b, c),
+            "detectable": detectable_difference(len(keys), b + c)}
 
 
 def _mean_field(records: list[dict], name: str) -> float | None:

@@ -8,6 +8,7 @@ Checkpoints without the file (openpi's, LeRobot's) say nothing, and nothing is w
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,10 @@ def _ranges(values: list[int]) -> str:
 def overlap_warning(config: dict[str, Any] | Any, planned: list[tuple[str, int, int]]) -> str | None:
     """A one-paragraph warning when planned (suite, task, trial) episodes use the checkpoint's training init
     states; None otherwise. `config`: a SweepConfig or a stored config dict."""
-    model = config.get("model") or {} if isinstance(config, dict) else config.model
-    kind = model.get("kind") if isinstance(model, dict) else model.kind
-    checkpoint = model.get("checkpoint") if isinstance(model, dict) else model.checkpoint
-    if kind != "checkpoint":
+    model = (config.get("model") or {}) if isinstance(config, dict) else dataclasses.asdict(config.model)
+    if model.get("kind") != "checkpoint":
         return None
-    trained = read_trained_on(checkpoint)
+    trained = read_trained_on(model.get("checkpoint"))
     hits: dict[tuple[str, int], list[int]] = {}
     for suite, task, trial in planned:
         if trial in trained.get(suite, {}).get(task, ()):

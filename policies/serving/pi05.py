@@ -44,9 +44,9 @@ from policies.pi05.backends import Pi05Backend
 from policies.pi05.modeling import Pi05Model
 from policies.pi05.processing import Pi05Processor
 from policies.pi05.sampling import EVALUATIONS_PER_STEP
+from policies.pi05.rtc import Guidance
 from policies.pi05.stages import Pi05Inputs, Prefix, PrefixKV
 from policies.serving.engine import Engine, Request, batch_info
-from policies.pi05.rtc import Guidance
 from policies.serving.latency import LatencyProfile, RealtimeClock, calibrate
 from policies.serving.noise import sample_noise
 from policies.serving.rtc import ChunkInFlight, GuidancePlan, clock_delay, frozen_deviation, plan_guidance, query_step
