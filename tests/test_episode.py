@@ -109,3 +109,34 @@ def test_cli_run_writes_results_and_videos_and_resumes(tmp_path, capsys):
     assert sorted(p.name for p in (out / "videos").iterdir()) == [
         "hold__libero_spatial__task00__trial00.mp4", "hold__libero_spatial__task00__trial01.mp4"]
     assert "resuming" in capsys.readouterr().out
+
+
+class _MispricedRTC(ScriptedPolicy):
+    """Says its chunks were guided for a delay of 2 steps while the episode's clock delivers them at once:
+    what a policy actor pricing frames differently from the worker would look like."""
+
+    def infer(self, observation):
+        chunk = super().infer(observation)
+        chunk.record.extra["rtc"] = {"guided": False, "delay_steps": 2, "leftover": 0, "guided_actions": 0}
+        return chunk
+
+
+def test_an_rtc_delay_the_worker_does_not_apply_ends_the_episode_as_an_internal_error(spatial_env):
+    from policies.serving.variants import ExecutionSettings
+
+    result = run_episode(EpisodeSpec("libero_spatial", 0, 0, "rtc", 20), spatial_env,
+                         _MispricedRTC(np.zeros((40, 7), np.float32)), EpisodeConfig(video="none"),
+                         execution=ExecutionSettings(timing="realtime"))
+    assert (result.status, result.reason) == ("error", "internal_error")
+    assert "guided query 0 for a delay of 2 steps but its chunk arrives 0 steps late" in result.error
+
+
+def test_closing_frames_that_fail_leave_the_result_and_the_video(spatial_env, tmp_path, monkeypatch):
+    def broken(state):
+        raise RuntimeError("render failed")
+
+    monkeypatch.setattr(spatial_env, "observe_state", broken)
+    result = run_episode(EpisodeSpec("libero_spatial", 0, 4, "hold", 7), spatial_env, HoldPolicy(),
+                         EpisodeConfig(video="query", video_wrist=False), run_dir=tmp_path)
+    assert (result.status, result.reason) == ("failure", "max_steps")
+    assert result.video is not None and len(_frames(tmp_path / result.video)) == result.video_frames == 2

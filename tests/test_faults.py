@@ -112,9 +112,12 @@ def test_sigkill_rollout_worker_mid_episode(tmp_path):
 
 
 def test_sigkill_policy_actor_inside_and_between_queries(tmp_path):
-    """The shipped small Pi0.5 behind the policy actor. First kill: while a batch is being computed; second,
-    after Ray restarted it: between two queries, sessions open (the next query finds its session gone)."""
-    config = load_config(CONFIGS / "smoke.yaml", ["trials=[40]", "max_steps=60", "policies=[{name: none}]",
+    """The shipped small Pi0.5 behind the policy actor, serving an RTC variant (its sessions hold the chunk in
+    flight and the realtime clock sent with each open). First kill: while a batch is being computed; second,
+    after Ray restarted it: between two queries, sessions open (the next query finds its session gone). The
+    retried episodes run guided on the restarted actor."""
+    config = load_config(CONFIGS / "smoke.yaml", ["trials=[40]", "max_steps=60", "latency=thor_trt_fp8",
+                                                  "policies=[{name: none, timing: realtime, execution: rtc}]",
                                                   "episode.shadow=false", "ray.max_retries=3", "wandb.enabled=false"])
     out = tmp_path / "actor"
     joins, kills = [], []
@@ -144,6 +147,8 @@ def test_sigkill_policy_actor_inside_and_between_queries(tmp_path):
     retried = attempts(out)
     assert retried and {a["reason"] for a in retried} == {"policy_unavailable"}, retried
     assert any("session lost" in a["error"] for a in retried)  # the between-queries kill, recognised by type
+    for r in ResultStore(out).load():
+        assert [rec["extra"]["rtc"]["guided"] for rec in r.records] == [False] + [True] * (len(r.records) - 1)
 
 
 def test_cut_results_line_then_resume(tmp_path):
