@@ -82,10 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local Ray on 127.0.0.1)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
 
-    report = add_command(sub, "report", "write report.html and summary.md for a run directory", REPORT_EXAMPLES)
-    report.add_argument("run_dir", help="a run directory made by `libero-eval sweep` or `libero-eval run`")
+    report = add_command(sub, "report", "write report.html and summary.md for a run directory, or compare two",
+                         REPORT_EXAMPLES)
+    report.add_argument("run_dir", nargs="+", metavar="RUN_DIR",
+                        help="a run directory made by `libero-eval sweep` or `libero-eval run`; two: compare them "
+                             "(A then B: what changed from A to B)")
+    report.add_argument("--timelines", default="2", metavar="N|all|KEYS",
+                        help="which episodes get a timeline and a video player in report.html: N per policy "
+                             "(default 2: paired losses first), all, or episode keys LABEL/SUITE/taskNN/trialNN,...")
+    report.add_argument("--out", default=None,
+                        help="with two run directories: where compare.html/.md/.json go (default: "
+                             "compare_<A>_vs_<B> beside B)")
     report.add_argument("--wandb", action="store_true",
-                        help="also log the run directory to W&B again (one fresh run per policy variant)")
+                        help="also log to W&B: one fresh run per policy variant, or with two run directories one "
+                             "comparison run")
     report.add_argument("--wandb-mode", default=None, choices=("offline", "online"),
                         help="W&B mode for --wandb (default: the sweep config's wandb.mode, offline if disabled)")
 
@@ -100,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 REPORT_EXAMPLES = """examples:
   libero-eval report runs/smoke                       # runs/smoke/report.html, runs/smoke/summary.md
   libero-eval report runs/smoke --wandb --wandb-mode online
+  libero-eval report runs/smoke --timelines all       # a timeline and a video player for every episode
+  libero-eval report runs/yesterday runs/today        # what changed: runs/compare_yesterday_vs_today/
 
 Works on a finished, partial or resumed sweep: everything comes from results.jsonl (plus config.yaml, the
 videos and replay/replay_summary.json when present). W&B runs land in <run_dir>/wandb; sync offline ones
@@ -252,13 +264,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "error" for r in outcome.results) else 0
 
 
-def _write_report(run_dir: Path, prog: str) -> bool:
+def _write_report(run_dir: Path, prog: str, timelines: int | str | list[str] = 2) -> bool:
     """report.html + summary.md; a failure here is reported, never fatal to a sweep that already stored its
     results."""
     from libero_eval.report import write_report  # matplotlib: only the commands that write a report load it
 
     try:
-        html_path, md_path = write_report(run_dir)
+        html_path, md_path = write_report(run_dir, timelines)
     except Exception as exc:
         print(f"{prog}: could not write the report ({type(exc).__name__}: {exc}); "
               f"retry with `libero-eval report {run_dir}`", file=sys.stderr)
@@ -268,15 +280,20 @@ def _write_report(run_dir: Path, prog: str) -> bool:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from libero_eval.report import ReportError, load_run  # matplotlib: loaded by the report commands only
+    from libero_eval.report import ReportError, load_run, parse_timelines, pick_timelines  # matplotlib: report only
     from libero_eval.tracking import log_run_dir  # imports the report too, see cmd_sweep
 
-    run_dir = Path(args.run_dir)
+    if len(args.run_dir) > 2:
+        return fail("report", f"one run directory, or two to compare, got {len(args.run_dir)}: {args.run_dir}")
+    if len(args.run_dir) == 2:
+        return _compare(args)
+    run_dir = Path(args.run_dir[0])
     try:
-        load_run(run_dir)
+        timelines = parse_timelines(args.timelines)
+        pick_timelines(load_run(run_dir), timelines)  # an unknown episode key fails here, before any writing
     except ReportError as exc:
         return fail("report", exc)
-    if not _write_report(run_dir, "libero-eval report"):
+    if not _write_report(run_dir, "libero-eval report", timelines):
         return 1
     if args.wandb:
         try:
@@ -285,6 +302,29 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"libero-eval report: W&B logging failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         print(f"W&B: {len(labels)} run(s) logged ({', '.join(labels)}) under {run_dir / 'wandb'}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from libero_eval.compare import compare_runs, format_comparison, log_comparison, write_comparison  # matplotlib
+    from libero_eval.report import ReportError  # matplotlib: loaded by the report commands only
+
+    run_a, run_b = (Path(p) for p in args.run_dir)
+    try:
+        cmp = compare_runs(run_a, run_b)
+    except ReportError as exc:
+        return fail("report", exc)
+    out = Path(args.out) if args.out else run_b.parent / f"compare_{run_a.resolve().name}_vs_{run_b.resolve().name}"
+    print(format_comparison(cmp))
+    html_path, md_path = write_comparison(cmp, out)
+    print(f"comparison: {html_path} and {md_path}")
+    if args.wandb:
+        try:
+            name = log_comparison(cmp, out, args.wandb_mode or "offline")
+        except Exception as exc:
+            print(f"libero-eval report: W&B logging failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        print(f"W&B: comparison run {name} under {out / 'wandb'}")
     return 0
 
 

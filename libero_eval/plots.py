@@ -64,6 +64,30 @@ def success_by_policy(rows: list[dict[str, Any]], baseline: str | None = None,
     return _png(fig)
 
 
+def success_a_vs_b(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], name_a: str, name_b: str) -> bytes:
+    """Two runs' success per shared variant (rows in the same order, one per variant), A and B side by side
+    with 95% Wilson bars, annotated k/n."""
+    fig = Figure(figsize=(max(4.5, 1.4 * len(rows_a) + 2), 3.8))
+    ax = fig.add_subplot()
+    width = 0.38
+    for offset, rows, name, colour in ((-width / 2, rows_a, name_a, BASELINE_COLOUR), (width / 2, rows_b, name_b, BAR_COLOUR)):
+        xs = [i + offset for i in range(len(rows))]
+        rates = [r["success_rate"] or 0.0 for r in rows]
+        bars = [_error_lengths(rate, r) for rate, r in zip(rates, rows)]
+        ax.bar(xs, rates, width, color=colour, label=name, yerr=[[b[0] for b in bars], [b[1] for b in bars]],
+               capsize=3, ecolor="black")
+        for x, rate, r in zip(xs, rates, rows):
+            ax.annotate(f"{r['successes']}/{r['n']}", (x, 0.02), ha="center", fontsize=7,
+                        color="white" if rate >= 0.08 else "black")
+    ax.set_xticks(list(range(len(rows_a))), [r["policy"] for r in rows_a], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate (95% Wilson)")
+    ax.set_title("Success per variant, A vs B")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats on both speedup and success, sorted by speedup."""
     front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
@@ -98,16 +122,25 @@ def success_vs_speedup(rows: list[dict[str, Any]], highlight: str | None = None)
     return _png(fig)
 
 
+def varying_signals(records: list[dict[str, Any]]) -> list[str]:
+    """The signals that take more than one value over these frames, in first-seen order (a constant one, e.g.
+    a baseline's shadow cosine of 1, would be a flat line)."""
+    values: dict[str, set] = {}
+    for rec in records:
+        for name, value in (rec.get("signals") or {}).items():
+            values.setdefault(name, set()).add(value)
+    return [name for name, seen in values.items() if len(seen) > 1]
+
+
 def _signal_names(records: list[dict[str, Any]], limit: int) -> list[str]:
-    """Signals with a trigger threshold first (they explain the decisions), then the rest, in first-seen order."""
-    names: list[str] = []
+    """Varying signals, those with a trigger threshold first (they explain the decisions), then the rest, in
+    first-seen order."""
+    names = varying_signals(records)
     with_threshold: list[str] = []
     for rec in records:
         thresholds = (rec.get("extra") or {}).get("thresholds") or {}
         for name in rec.get("signals", {}):
-            if name not in names:
-                names.append(name)
-            if name in thresholds and name not in with_threshold:
+            if name in names and name in thresholds and name not in with_threshold:
                 with_threshold.append(name)
     ordered = with_threshold + [n for n in names if n not in with_threshold]
     return ordered[:limit]

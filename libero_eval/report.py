@@ -164,21 +164,73 @@ def _planned(config: dict[str, Any], n_variants: int) -> int | None:
     return tasks * trials * n_variants
 
 
-def pick_timelines(data: RunData, per_policy: int = 2) -> list[EpisodeResult]:
-    """Per policy, the episodes most worth a look: ones it failed where the baseline succeeded (the paired
-    cost of caching), then its first episodes; only episodes with signals (a baseline's all-FULL strip
-    says nothing)."""
-    base = {(r.suite, r.task_id, r.trial): r.success for r in data.results if r.policy_label == data.baseline}
-    chosen = []
+TIMELINES_PER_POLICY = 2
+
+
+def worth_a_timeline(result: EpisodeResult) -> bool:
+    """An episode whose timeline says something: a signal that varies, or a decision other than FULL (a
+    baseline's all-FULL frames with constant signals would be a flat plot of constants)."""
+    return bool(plots.varying_signals(result.records)) or any(
+        rec.get("decision") not in (None, "full") for rec in result.records)
+
+
+def pick_timelines(data: RunData, which: int | str | list[str] = TIMELINES_PER_POLICY) -> list[EpisodeResult]:
+    """The episodes to draw timelines for. `which`: a number per policy (the episodes most worth a look:
+    ones it failed where its baseline succeeded, the paired cost of caching, then its first episodes by task
+    and trial), "all", or a list of episode keys (LABEL/SUITE/taskNN/trialNN; ReportError for an unknown one).
+    By number or "all", only episodes worth_a_timeline."""
+    if isinstance(which, list):
+        by_key = {r.key: r for r in data.results}
+        unknown = [k for k in which if k not in by_key]
+        if unknown:
+            raise ReportError(f"--timelines: no episode {', '.join(map(repr, unknown))} in {data.run_dir}; keys "
+                              f"look like {next(iter(by_key), 'LABEL/SUITE/task00/trial00')!r} "
+                              "(LABEL/SUITE/taskNN/trialNN, as in the episode table)")
+        return [by_key[k] for k in which]
     by_label: dict[str, list[EpisodeResult]] = defaultdict(list)
     for r in sorted(data.results, key=lambda r: (r.suite, r.task_id, r.trial)):
-        if any(rec.get("signals") for rec in r.records):
+        if worth_a_timeline(r):
             by_label[r.policy_label].append(r)
+    chosen = []
     for label in sorted(by_label, key=lambda l: (l != data.baseline, l)):
+        base_label = data.baselines.get(label, data.baseline)
+        base = {(r.suite, r.task_id, r.trial): r.success for r in data.results if r.policy_label == base_label}
         episodes = by_label[label]
         lost = [r for r in episodes if not r.success and base.get((r.suite, r.task_id, r.trial))]
-        chosen.extend((lost + [r for r in episodes if r not in lost])[:per_policy])
+        ranked = lost + [r for r in episodes if r not in lost]
+        chosen.extend(ranked if which == "all" else ranked[:which])
     return chosen
+
+
+def timeline_note(data: RunData, chosen: list[EpisodeResult], which: int | str | list[str]) -> str:
+    """What the timelines section shows out of what, why, and how to ask for others."""
+    ask = (f"Others: `libero-eval report {data.run_dir} --timelines all`, `--timelines 5` (per policy) or "
+           "`--timelines LABEL/SUITE/taskNN/trialNN,...` (keys from the episode table).")
+    if isinstance(which, list):
+        return f"Timelines for the {len(chosen)} episode(s) asked for with --timelines. {ask}"
+    worth = [r for r in data.results if worth_a_timeline(r)]
+    flat = sorted({r.policy_label for r in data.results} - {r.policy_label for r in worth})
+    why = ("all" if which == "all" else
+           f"per policy, up to {which}: first those it failed where its baseline succeeded (the paired cost of "
+           "caching), then its first by task and trial")
+    left = (f" Not drawn: {', '.join(flat)} (every frame FULL and no signal that varies: a flat plot of "
+            "constants says nothing)." if flat else "")
+    return (f"Timelines for {len(chosen)} of the {len(data.results)} stored episodes ({why}).{left} Each sits "
+            f"beside its video. {ask}")
+
+
+def parse_timelines(text: str) -> int | str | list[str]:
+    """--timelines: N (per policy), all, or comma-separated episode keys."""
+    text = text.strip()
+    if text == "all":
+        return "all"
+    if text.isdigit():
+        return int(text)
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    if not keys or any(k.count("/") != 3 for k in keys):
+        raise ReportError(f"--timelines: expected a number per policy, all, or episode keys "
+                          f"LABEL/SUITE/taskNN/trialNN separated by commas, got {text!r}")
+    return keys
 
 
 # -- formatting -------------------------------------------------------------------------------------
@@ -270,10 +322,11 @@ def episode_table(data: RunData) -> tuple[list[str], list[list[str]]]:
 _CSS = """body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0 20px}
 th,td{border:1px solid #ccc;padding:3px 7px;font-size:13px;text-align:left}th{background:#f0f0f0}
 img{max-width:100%;border:1px solid #ddd;margin:4px;vertical-align:top}.note{background:#fff6d6;padding:6px 10px}
-.plots img{max-height:420px}#timelines img{max-width:48%}"""
+.plots img{max-height:420px}.episode{display:flex;gap:10px;align-items:flex-start;margin-bottom:14px}
+.episode img{max-width:60%;margin:0}.episode video{width:38%;border:1px solid #ddd}.novideo{color:#777}"""
 
 
-def _html_table(table_id: str, header: list[str], body: list[list[str]], link_last: bool = False) -> str:
+def html_table(table_id: str, header: list[str], body: list[list[str]], link_last: bool = False) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     rows = []
     for row in body:
@@ -284,16 +337,27 @@ def _html_table(table_id: str, header: list[str], body: list[list[str]], link_la
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def _md_table(header: list[str], body: list[list[str]]) -> str:
+def md_table(header: list[str], body: list[list[str]]) -> str:
     esc = lambda s: s.replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(esc, row)) + " |" for row in body]
     return "\n".join(lines)
 
 
-def _img(png: bytes, alt: str, img_id: str | None = None) -> str:
+def img_tag(png: bytes, alt: str, img_id: str | None = None) -> str:
     ident = f' id="{img_id}"' if img_id else ""
     return f'<img{ident} alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _episode_view(run_dir: Path, result: EpisodeResult, timeline_png: bytes) -> str:
+    """One episode's timeline with its video as a player beside it (so the frame where a signal spiked can
+    be watched), or a word on why there is no video."""
+    if result.video and (run_dir / result.video).is_file():
+        video = (f'<video controls preload="metadata" src="{html.escape(result.video)}" '
+                 f'title="{html.escape(result.key)}"></video>')
+    else:
+        video = '<p class="novideo">no video stored for this episode (sweep video setting, or an error)</p>'
+    return f'<div class="episode" id="episode-{html.escape(result.key)}">{img_tag(timeline_png, result.key)}{video}</div>'
 
 
 def _notes(data: RunData) -> list[str]:
@@ -338,8 +402,9 @@ def scene_text(config: dict[str, Any] | None) -> str | None:
     return f"Scene layouts: {SEEDING_TEXT.get(seeding, seeding)}."
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write report.html and summary.md into the run directory (and the plots as PNG under report/)."""
+def write_report(run_dir: str | Path, timelines: int | str | list[str] = TIMELINES_PER_POLICY) -> tuple[Path, Path]:
+    """Write report.html and summary.md into the run directory (and the plots as PNG under report/).
+    `timelines`: which episodes get a timeline and a video player (pick_timelines)."""
     data = load_run(run_dir)
     run_dir = data.run_dir
     rows = data.rows
@@ -349,7 +414,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     sync_realtime = plots.sync_vs_realtime(rows)
     if sync_realtime is not None:
         figures["sync_vs_realtime"] = sync_realtime
-    timelines = [(r, plots.timeline(r)) for r in pick_timelines(data)]
+    chosen = pick_timelines(data, timelines)
+    drawn = [(r, plots.timeline(r)) for r in chosen]
     plot_dir = run_dir / PLOTS_DIR
     plot_dir.mkdir(exist_ok=True)
     for name, png in figures.items():
@@ -367,42 +433,41 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
              f"<h1>libero-eval report: {html.escape(data.name)}</h1>",
              *([f"<p>{html.escape(scene)}</p>"] if scene else []),
              *(f'<p class="note">{html.escape(n)}</p>' for n in notes),
-             "<h2>Success per cache policy</h2>", _html_table("policies-table", *tables["policies"]),
-             '<div class="plots">', _img(figures["success_by_policy"], "success rate per policy", "plot-success"),
-             _img(figures["success_vs_speedup"], "success vs speedup", "plot-pareto"), "</div>",
+             "<h2>Success per cache policy</h2>", html_table("policies-table", *tables["policies"]),
+             '<div class="plots">', img_tag(figures["success_by_policy"], "success rate per policy", "plot-success"),
+             img_tag(figures["success_vs_speedup"], "success vs speedup", "plot-pareto"), "</div>",
              "<h2>Success vs latency</h2><p>Each variant's modelled latency per frame (its own compute priced by "
              "its latency model, whatever it shared a batch with); realtime variants hollow.</p>",
-             '<div class="plots">', _img(figures["success_vs_latency"], "success vs latency", "plot-latency"),
-             *([_img(figures["sync_vs_realtime"], "sync vs realtime", "plot-sync-realtime")]
+             '<div class="plots">', img_tag(figures["success_vs_latency"], "success vs latency", "plot-latency"),
+             *([img_tag(figures["sync_vs_realtime"], "sync vs realtime", "plot-sync-realtime")]
                if "sync_vs_realtime" in figures else []), "</div>"]
     if data.replay:
         model = data.replay.get("model") or {}
         parts += ["<h2>Offline fidelity beside closed-loop success</h2>",
                   f"<p>replay of {data.replay.get('sequences', '?')} recorded sequences; model: "
                   f"{html.escape(json.dumps(model, sort_keys=True))}</p>",
-                  _html_table("fidelity-table", *tables["fidelity"]),
-                  "<h3>Signal distribution in replay</h3>", _html_table("signals-table", *tables["signals"])]
-    parts += ["<h2>Per task</h2>", _html_table("tasks-table", *tables["tasks"])]
-    if timelines:
-        parts.append("<h2>Timelines</h2><p>Signals with their trigger threshold (dashed) and the decision per "
-                     "frame (green FULL, orange REUSE, blue PARTIAL).</p><div id='timelines'>")
-        parts += [_img(png, r.key) for r, png in timelines if png]
-        parts.append("</div>")
-    parts += ["<h2>Episodes</h2>", _html_table("episodes-table", *tables["episodes"], link_last=True),
+                  html_table("fidelity-table", *tables["fidelity"]),
+                  "<h3>Signal distribution in replay</h3>", html_table("signals-table", *tables["signals"])]
+    parts += ["<h2>Per task</h2>", html_table("tasks-table", *tables["tasks"])]
+    parts += ["<h2>Timelines</h2><p>Signals that vary over the episode, with their trigger threshold (dashed), and "
+              "the decision per frame (green FULL, orange REUSE, blue PARTIAL), beside the episode's video.</p>",
+              f'<p class="note" id="timeline-note">{html.escape(timeline_note(data, chosen, timelines))}</p>',
+              "<div id='timelines'>", *(_episode_view(run_dir, r, png) for r, png in drawn if png), "</div>"]
+    parts += ["<h2>Episodes</h2>", html_table("episodes-table", *tables["episodes"], link_last=True),
               "</body></html>"]
     html_path = run_dir / "report.html"
     html_path.write_text("\n".join(parts), encoding="utf-8")
 
     md = [f"# libero-eval report: {data.name}", "", *([scene, ""] if scene else []), *(f"- {n}" for n in notes), "",
           "Full report with timelines and video links: [report.html](report.html)", "",
-          "## Success per cache policy", "", _md_table(*tables["policies"]), "",
+          "## Success per cache policy", "", md_table(*tables["policies"]), "",
           f"![success per policy]({PLOTS_DIR}/success_by_policy.png) "
           f"![success vs speedup]({PLOTS_DIR}/success_vs_speedup.png)",
           f"![success vs latency]({PLOTS_DIR}/success_vs_latency.png)"
           + (f" ![sync vs realtime]({PLOTS_DIR}/sync_vs_realtime.png)" if "sync_vs_realtime" in figures else ""), ""]
     if data.replay:
-        md += ["## Offline fidelity beside closed-loop success", "", _md_table(*tables["fidelity"]), ""]
-    md += ["## Per task", "", _md_table(*tables["tasks"]), ""]
+        md += ["## Offline fidelity beside closed-loop success", "", md_table(*tables["fidelity"]), ""]
+    md += ["## Per task", "", md_table(*tables["tasks"]), ""]
     md_path = run_dir / "summary.md"
     md_path.write_text("\n".join(md), encoding="utf-8")
     return html_path, md_path

@@ -30,7 +30,7 @@ from PIL import Image
 from libero_eval import plots
 from libero_eval.config import ConfigError, SweepConfig, WandbConfig
 from libero_eval.plots import overall_rows
-from libero_eval.report import REPLAY_SUMMARY, episode_metrics, latency_p95, load_run, task_rows
+from libero_eval.report import REPLAY_SUMMARY, episode_metrics, latency_p95, load_run, task_rows, worth_a_timeline
 from libero_eval.specs import EpisodeResult
 from libero_eval.store import RESULTS_FILE, ResultStore
 from libero_eval.execution import stored_latencies
@@ -129,24 +129,24 @@ def flat_config(sweep: SweepInfo, label: str) -> dict[str, Any]:
     """The run config: the variant's parameters as `policy.<key>` and the resolved config as dotted keys,
     so W&B's run table can sort and filter on each. Keys whose name looks secret are never logged."""
     flat: dict[str, Any] = {"sweep": sweep.name, "baseline": sweep.baseline, "policy.label": label}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}.{key}" if prefix else str(key))
-        else:
-            flat[prefix] = node
-
-    variant = dict(sweep.variants.get(label, {"name": label}))
-    walk({"policy": variant}, "")
-    rest = {k: v for k, v in sweep.config.items() if k not in ("policies", "wandb", "name")}
-    walk(rest, "")
+    flat.update(flatten({"policy": dict(sweep.variants.get(label, {"name": label}))}))
+    flat.update(flatten({k: v for k, v in sweep.config.items() if k not in ("policies", "wandb", "name")}))
     if "wandb" in sweep.config:
         flat["wandb.videos"] = sweep.config["wandb"].get("videos")
     dropped = sorted(k for k in flat if _SECRET_NAME.search(k))
     if dropped:
         log.warning("not logging config keys that look secret: %s", dropped)
     return {k: v for k, v in flat.items() if k not in dropped}
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as dotted keys ({"a": {"b": 1}} -> {"a.b": 1}); lists and empty dicts are leaves."""
+    if isinstance(node, dict) and node:
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: node}
 
 
 def parse_video_cap(text: str) -> tuple[str, int | None]:
@@ -242,23 +242,8 @@ class WandbTracker(Tracker):
     def wandb_dir(self) -> Path:
         return self.run_dir / "wandb"
 
-    @contextlib.contextmanager
     def _env(self):
-        """wandb's files stay inside the run directory; the caller's environment is restored after."""
-        values = {"WANDB_DIR": str(self.run_dir), "WANDB_CACHE_DIR": str(self.wandb_dir / "cache"),
-                  "WANDB_DATA_DIR": str(self.wandb_dir / "data"), "WANDB_SILENT": "true"}
-        if self.settings.mode == "offline":  # online keeps the user's own settings (login, base_url)
-            values["WANDB_CONFIG_DIR"] = str(self.wandb_dir / "config")
-        saved = {k: os.environ.get(k) for k in values}
-        os.environ.update(values)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        return wandb_env(self.run_dir, self.settings.mode)
 
     def on_result(self, result: EpisodeResult) -> None:
         with self._env():
@@ -287,34 +272,23 @@ class WandbTracker(Tracker):
                 run.finish()
                 marker[label] = sorted(self._logged[label])
                 self._write_marker(marker)
-            _flush_wandb()
+            flush_wandb()
 
     def close(self) -> None:
         with self._env():
             while self._runs:
                 _, run = self._runs.popitem()
                 run.finish(exit_code=1)
-            _flush_wandb()
+            flush_wandb()
 
     # -- internals --
 
     def _open(self, label: str):
         if label in self._runs:
             return self._runs[label]
-        import wandb  # ~1 s to import: only once a W&B run opens, never for a sweep without W&B
-
-        if self.settings.mode == "online" and not wandb.login(prompt=False, verify=False):
-            # without this, wandb.init would stop the sweep at an interactive login prompt
-            raise RuntimeError("wandb.mode is online but no W&B credentials were found (run `wandb login` or "
-                               "set WANDB_API_KEY)")
-        run = wandb.init(
-            project=self.settings.project, entity=self.settings.entity, group=self.sweep.name, job_type=label,
-            name=f"{self.sweep.name}-{label}", config=self._run_config(label), tags=self.tags,
-            mode=self.settings.mode, dir=str(self.run_dir), reinit="create_new",
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, x_disable_meta=True,
-                                    x_disable_machine_info=True, save_code=False, disable_git=True,
-                                    disable_code=True, x_save_requirements=False),
-        )
+        run = open_wandb_run(self.settings.mode, self.run_dir, project=self.settings.project,
+                             entity=self.settings.entity, group=self.sweep.name, job_type=label,
+                             name=f"{self.sweep.name}-{label}", config=self._run_config(label), tags=self.tags)
         self._runs[label] = run
         run.define_metric("episode")
         for key in ("episode/*", "rollout", "timeline"):
@@ -349,7 +323,7 @@ class WandbTracker(Tracker):
         video = self.run_dir / result.video if result.video else None
         if wants_video(result, self.cap, self.sweep.trials) and video is not None and video.is_file():
             row["rollout"] = wandb.Video(str(video), caption=caption(result), format="mp4")
-            png = plots.timeline(result)
+            png = plots.timeline(result) if worth_a_timeline(result) else None  # no flat plot of constants
             if png is not None:
                 row["timeline"] = wandb.Image(Image.open(io.BytesIO(png)), caption=caption(result))
         run.log(row)
@@ -393,7 +367,43 @@ class WandbTracker(Tracker):
         (self.wandb_dir / LOGGED_MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True))
 
 
-def _flush_wandb() -> None:
+@contextlib.contextmanager
+def wandb_env(run_dir: Path, mode: str):
+    """wandb's files stay inside `run_dir` (its wandb/ folder); the caller's environment is restored after."""
+    wandb_dir = Path(run_dir) / "wandb"
+    values = {"WANDB_DIR": str(run_dir), "WANDB_CACHE_DIR": str(wandb_dir / "cache"),
+              "WANDB_DATA_DIR": str(wandb_dir / "data"), "WANDB_SILENT": "true"}
+    if mode == "offline":  # online keeps the user's own settings (login, base_url)
+        values["WANDB_CONFIG_DIR"] = str(wandb_dir / "config")
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def open_wandb_run(mode: str, run_dir: Path, **init):
+    """wandb.init, quiet (no console capture, stats, code or git), files under `run_dir`; call inside
+    wandb_env. Online without credentials fails at once instead of stopping at a login prompt."""
+    import wandb  # ~1 s to import: only once a W&B run opens, never for a sweep without W&B
+
+    if mode == "online" and not wandb.login(prompt=False, verify=False):
+        raise RuntimeError("wandb.mode is online but no W&B credentials were found (run `wandb login` or "
+                           "set WANDB_API_KEY)")
+    return wandb.init(
+        **init, mode=mode, dir=str(run_dir), reinit="create_new",
+        settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, x_disable_meta=True,
+                                x_disable_machine_info=True, save_code=False, disable_git=True,
+                                disable_code=True, x_save_requirements=False),
+    )
+
+
+def flush_wandb() -> None:
     """Wait until wandb's service has written everything: `run.finish()` returns before the offline record
     log is complete on disk, and a sweep process killed right after must not leave a torn log. The service
     is per process and this process's W&B user is this tracker, so tearing it down is ours to do."""

@@ -4,6 +4,7 @@ beside closed-loop success when a replay summary exists."""
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -13,7 +14,8 @@ import pytest
 import yaml
 
 from libero_eval.cli import main
-from libero_eval.report import ReportError, load_run, pick_timelines, write_report
+from libero_eval.plots import varying_signals
+from libero_eval.report import ReportError, load_run, parse_timelines, pick_timelines, worth_a_timeline, write_report
 from libero_eval.store import ResultStore
 from tests.report_helpers import BASELINE, CACHED, REPLAY, TASKS, TRIALS, make_run_dir
 
@@ -39,6 +41,7 @@ class _Dom(HTMLParser):
         super().__init__()
         self.tables: dict[str, list[list[str]]] = {}
         self.images: list[dict[str, str]] = []
+        self.videos: list[dict[str, str]] = []
         self.links: list[str] = []
         self._table = None
         self._cell: list[str] | None = None
@@ -55,6 +58,8 @@ class _Dom(HTMLParser):
             self._cell = []
         elif tag == "img":
             self.images.append(attrs)
+        elif tag == "video":
+            self.videos.append(attrs)
         elif tag == "a":
             self.links.append(attrs.get("href", ""))
 
@@ -68,6 +73,14 @@ class _Dom(HTMLParser):
     def handle_data(self, data):
         if self._cell is not None:
             self._cell.append(data)
+
+
+_PROBE = """<p id="probe"></p><script>
+const sizes = []; const videos = document.querySelectorAll("video");
+videos.forEach((v, i) => { v.preload = "auto"; v.addEventListener("loadeddata", () => {
+  sizes[i] = v.videoWidth + "x" + v.videoHeight;
+  if (sizes.filter(Boolean).length === videos.length) document.getElementById("probe").textContent = sizes.join(" ");
+}); v.load(); });</script>"""
 
 
 def _chromium() -> str:
@@ -163,6 +176,45 @@ def test_timelines_show_the_paired_losses_first(reported):
     chosen = pick_timelines(data)
     assert [r.policy_label for r in chosen] == [CACHED, CACHED]  # the baseline has no signals to plot
     assert (chosen[0].task_id, chosen[0].trial, chosen[0].success) == (0, 1, False)  # baseline solved it
+    # the rest on request: all of a policy's episodes worth one, or named ones (even a flat baseline's)
+    scored = [r for r in data.results if r.policy_label == CACHED and r.records]
+    assert len(pick_timelines(data, parse_timelines("all"))) == len(scored) == len(TASKS) * TRIALS - 1
+    assert len(pick_timelines(data, parse_timelines("1"))) == 1
+    keys = [f"{BASELINE}/libero_spatial/task01/trial02", f"{CACHED}/libero_spatial/task00/trial00"]
+    assert [r.key for r in pick_timelines(data, parse_timelines(",".join(keys)))] == keys
+    with pytest.raises(ReportError, match="no episode 'none/libero_spatial/task09/trial00'"):
+        pick_timelines(data, ["none/libero_spatial/task09/trial00"])
+    with pytest.raises(ReportError, match="expected a number per policy, all, or episode keys"):
+        parse_timelines("some")
+
+
+def test_flat_timelines_are_not_drawn():
+    """A signal that never changes is not plotted; an episode of FULL frames with only such signals gets no
+    timeline (a baseline in shadow mode: its shadow cosine is 1 on every frame)."""
+    flat = [{"decision": "full", "signals": {"shadow_cos": 1.0, "pixel_mae": 0.5 * i}} for i in range(2)]
+    assert varying_signals(flat) == ["pixel_mae"]
+    constant = [{"decision": "full", "signals": {"shadow_cos": 1.0}} for _ in range(3)]
+
+    class Episode:
+        records = constant
+
+    assert not worth_a_timeline(Episode)
+    Episode.records = constant + [{"decision": "reuse", "signals": {"shadow_cos": 1.0}}]  # a strip worth seeing
+    assert worth_a_timeline(Episode)
+
+
+def test_report_names_its_timeline_subset_and_takes_requests(reported, tmp_path):
+    run_dir = tmp_path / "synth"
+    shutil.copytree(reported[0], run_dir)
+    note = _Dom((run_dir / "report.html").read_text())
+    html_text = (run_dir / "report.html").read_text()
+    assert "Timelines for 2 of the 12 stored episodes (per policy, up to 2: first those it failed where its " \
+           "baseline succeeded" in html_text
+    assert f"Not drawn: {BASELINE} (every frame FULL" in html_text and "--timelines all" in html_text
+    assert len(note.videos) == 2
+    assert main(["report", str(run_dir), "--timelines", "all"]) == 0
+    assert len(_Dom((run_dir / "report.html").read_text()).videos) == len(TASKS) * TRIALS - 1
+    assert main(["report", str(run_dir), "--timelines", "none/libero_spatial/task00/trial07"]) == 2  # no such
 
 
 def test_report_renders_in_headless_chromium(reported, tmp_path):
@@ -178,6 +230,17 @@ def test_report_renders_in_headless_chromium(reported, tmp_path):
     ids = {img.get("id") for img in rendered.images}
     assert {"plot-success", "plot-pareto"} <= ids
     assert len(rendered.images) >= 4  # two plots + timelines
+    assert "Timelines for 2 of the 12 stored episodes" in dom.stdout  # the subset note, rendered
+    players = rendered.videos
+    assert len(players) == 2 and all((run_dir / v["src"]).is_file() and "controls" in v for v in players)
+    # the players play: a copy of the page beside it reports each video's decoded size once it loaded
+    probe = html_path.with_name("report_probe.html")
+    probe.write_text(html_path.read_text().replace("</body>", _PROBE + "</body>"))
+    played = subprocess.run([*common, "--virtual-time-budget=10000", "--allow-file-access-from-files",
+                             "--dump-dom", probe.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    probe.unlink()
+    loaded = re.search(r'<p id="probe">([^<]*)</p>', played.stdout)
+    assert loaded and loaded.group(1) == "64x112 64x112", (loaded, played.stderr[-2000:])
     shot = tmp_path / "report.png"
     proc = subprocess.run([*common, "--window-size=1280,2600", f"--screenshot={shot}", html_path.resolve().as_uri()],
                           capture_output=True, text=True, timeout=120)
