@@ -5,6 +5,7 @@ Subcommands:
   sweep   run a YAML-configured sweep (suites/tasks x trials x policy variants) in parallel on Ray
   report  write report.html + summary.md for a run directory (and log it to W&B again with --wandb)
   replay  replay recorded observation sequences through every cache policy: offline fidelity per policy
+  serve   serve one variant over openpi's websocket policy protocol (openpi clients, model.kind openpi_server)
   profile measure a latency profile of a checkpoint on this device (configs/latency/; latency: <name>)
   layout-table  measure the table of openpi scene layouts (env.seeding: openpi; tasks/layout.py)
   record-demos  record scripted-expert demonstrations (libero_eval/learning/demos.py)
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from libero_eval import layout_command, profile_command, replay
+from libero_eval import layout_command, profile_command, replay, serve
 from libero_eval.cli_common import add_command, fail, parse_int_list, positive
 from libero_eval.config import ConfigError, load_config
 from libero_eval.episode import VIDEO_MODES, EpisodeConfig, run_episode
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="W&B mode for --wandb (default: the sweep config's wandb.mode, offline if disabled)")
 
     replay.add_parser(sub)
+    serve.add_parser(sub)
     layout_command.add_parser(sub)
     profile_command.add_parser(sub)
     learning.add_record_demos_parser(sub)
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         # key=value overrides may come after options (argparse stops collecting positionals at an option)
-        bad = [e for e in extra if args.command != "sweep" or "=" not in e or e.startswith("-")]
+        bad = [e for e in extra if args.command not in ("sweep", "serve") or "=" not in e or e.startswith("-")]
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides) + extra
@@ -345,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         return replay.run(args)
     if args.command == "report":
         return cmd_report(args)
+    if args.command == "serve":
+        return serve.run(args)
     if args.command == "profile":
         return profile_command.run(args)
     if args.command == "layout-table":

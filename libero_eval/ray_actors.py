@@ -5,40 +5,26 @@ engine never sees two calls at once.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 
 from libero_eval.episode import EpisodeConfig, PolicyUnavailable, run_episode
 from libero_eval.execution import LatencyModel
 from libero_eval.specs import EpisodeSpec
-from policies.base import IMAGE_KEY, PROMPT_KEY, STATE_KEY, STEP_KEY, WRIST_IMAGE_KEY, ActionChunk, Policy
-from policies.serving.batcher import Batcher
-from policies.serving.engine import Request, SessionLost
-from policies.serving.latency import LatencyProfile, RealtimeClock
+from policies.base import ActionChunk, Policy
+from policies.serving.core import ServingCore
+from policies.serving.engine import SessionLost
+from policies.serving.latency import RealtimeClock
 from policies.serving.model import ModelConfig, make_engine
 from policies.serving.variants import PolicyVariant
 from tasks import registry
 from tasks.env import EnvConfig, LiberoEnv
 
 log = logging.getLogger("libero_eval")
-
-WARMUP_OBSERVATION = {
-    IMAGE_KEY: np.zeros((224, 224, 3), dtype=np.uint8),
-    WRIST_IMAGE_KEY: np.zeros((224, 224, 3), dtype=np.uint8),
-    STATE_KEY: np.zeros(8, dtype=np.float32),
-    PROMPT_KEY: "warm up",
-}
-# warm-up of RTC sessions: frames cost nothing, so the second query is guided with delay 0
-WARMUP_CLOCK = RealtimeClock(LatencyProfile("warmup", 0.0, 0.0, 0.0, vjp_eval_ms=0.0), 20.0)
-
 
 @ray.remote
 class PolicyActor:
@@ -49,57 +35,32 @@ class PolicyActor:
             torch.set_num_threads(torch_threads)
         log.info("policy actor: torch %s, %d threads, cuda=%s", torch.__version__, torch.get_num_threads(),
                  torch.cuda.is_available())
-        self.engine = make_engine(model, variants, shadow=shadow, executed_steps=replan_steps)
-        self.variants = {v.label: v for v in variants}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.warmup_ms = self._warm_up(variants)
-        self.batcher = Batcher(self.engine.infer_batch, max_batch, batch_wait_ms, self._executor)
-        self.batcher.start()  # Ray runs an async actor's __init__ inside its event loop
-
-    def _warm_up(self, variants: list[PolicyVariant]) -> float:
-        """One throw-away inference per variant before the first real request, so that first-call costs
-        (allocator, kernel selection, lazy init) are not billed to whichever variant happens to run first."""
-        t0 = time.perf_counter()
-        for variant in variants:
-            session = f"__warmup__/{variant.label}"
-            rtc = variant.execution.execution == "rtc"  # two queries: the second one guided
-            self.engine.open(session, variant, 0, WARMUP_CLOCK if rtc else None)
-            try:
-                for step in (0, 5) if rtc else (None,):
-                    observation = {**WARMUP_OBSERVATION, **({} if step is None else {STEP_KEY: step})}
-                    (result,) = self.engine.infer_batch([Request(session, observation)])
-                    if isinstance(result, BaseException):
-                        log.warning("warm-up of %s failed: %s", variant.label, result)
-            finally:
-                self.engine.close(session)
-        return (time.perf_counter() - t0) * 1e3
-
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self.core = ServingCore(make_engine(model, variants, shadow=shadow, executed_steps=replan_steps), variants,
+                                max_batch, batch_wait_ms)
+        self.engine, self.batcher = self.core.engine, self.core.batcher
+        self.core.start()  # Ray runs an async actor's __init__ inside its event loop
 
     async def open(self, session_id: str, label: str, seed: int, clock: dict[str, Any] | None = None) -> None:
         """`clock` (RealtimeClock.to_dict()): execution rtc variants only."""
-        realtime_clock = None if clock is None else RealtimeClock.from_dict(clock)
-        await self._run(self.engine.open, session_id, self.variants[label], seed, realtime_clock)
+        await self.core.open(session_id, label, seed, None if clock is None else RealtimeClock.from_dict(clock))
 
     async def close(self, session_id: str) -> None:
-        await self._run(self.engine.close, session_id)
+        await self.core.close(session_id)
 
     async def close_stale(self, keep: list[str]) -> list[str]:
-        return await self._run(self.engine.close_stale, set(keep))
+        return await self.core.run(self.engine.close_stale, set(keep))
 
     async def infer(self, session_id: str, observation: dict[str, Any]) -> ActionChunk:
-        return await self.batcher.submit(Request(session_id, observation))
+        return await self.core.infer(session_id, observation)
 
     async def calibrate(self, repeats: int = 5) -> dict[str, Any] | None:
         """The serving model's latency profile at batch 1, measured on the engine thread (no batch runs
         meanwhile); None for a model-free actor."""
-        profile = await self._run(self.engine.calibrate, repeats)
+        profile = await self.core.run(self.engine.calibrate, repeats)
         return None if profile is None else profile.to_dict()
 
     async def shutdown(self) -> None:
-        await self.batcher.stop()
-        self._executor.shutdown(wait=False)
+        await self.core.stop()
 
     async def pid(self) -> int:
         return os.getpid()
@@ -110,7 +71,7 @@ class PolicyActor:
         return {"in_flight": self.batcher.in_flight, "sessions": self.engine.session_count()}
 
     async def stats(self) -> dict[str, Any]:
-        return {**self.batcher.stats(), "open_sessions": self.engine.session_count(), "warmup_ms": self.warmup_ms}
+        return self.core.stats()
 
 
 class RemotePolicy(Policy):

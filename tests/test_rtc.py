@@ -11,7 +11,7 @@ import torch
 
 from libero_eval.config import ConfigError, load_config
 from libero_eval.episode import EpisodeConfig
-from libero_eval.ray_actors import WARMUP_OBSERVATION
+from policies.serving.core import WARMUP_OBSERVATION
 from libero_eval.sweep_summary import pick_baselines
 from policies.base import PolicyError
 from policies.pi05.rtc import Guidance, guidance_weight, guided_velocity, prefix_weights
