@@ -28,7 +28,7 @@ from libero_eval.episode import EpisodeConfig
 from libero_eval.execution import check_latency_name, check_prices_vjp
 from policies.serving.latency import LatencyError
 from policies.serving.model import ModelConfig
-from policies.serving.variants import PolicyVariant
+from policies.serving.variants import SERVED, PolicyVariant
 from tasks import layout, registry
 from tasks.env import EnvConfig
 
@@ -284,6 +284,7 @@ def validate(config: SweepConfig) -> None:
         raise ConfigError(f"ray: num_workers, max_batch >= 1, batch_wait_ms, max_retries >= 0, cpus_per_worker > 0; got {r}")
     if config.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode: expected offline, online or disabled, got {config.wandb.mode!r}")
+    _check_served(config)
     for variant in config.variants():  # builds (and so validates) every variant
         try:
             check_latency_name(variant.execution.latency)
@@ -291,6 +292,27 @@ def validate(config: SweepConfig) -> None:
                 check_prices_vjp(variant.execution.latency)
         except LatencyError as exc:
             raise ConfigError(f"latency ({variant.label}): {exc}") from None
+
+
+def _check_served(config: SweepConfig) -> None:
+    """model.kind openpi_server evaluates whatever its server serves: only `served` variants, priced by a
+    latency model that does not need the model here; a `served` variant needs such a server."""
+    variants = config.variants()
+    if config.model.kind == "openpi_server":
+        others = sorted({v.name for v in variants if v.name != SERVED})
+        if others:
+            raise ConfigError(f"policies: with model.kind openpi_server the cache policy and denoising are the "
+                              f"server's (e.g. `libero-eval serve --policy fixed_window:window=3`), so {', '.join(others)} "
+                              "cannot be asked for here; list {name: served} entries (with label, timing, latency, "
+                              "fallback) and point model.url at each server")
+        calibrated = [v.label for v in variants if v.execution.latency == "calibrated"]
+        if calibrated:
+            raise ConfigError(f"latency ({', '.join(calibrated)}): calibrated times the model on the policy actor's "
+                              "device, and an openpi server's model lives on the server: use latency: measured (the "
+                              "round trip) or a named profile (configs/latency/)")
+    elif any(v.name == SERVED for v in variants):
+        raise ConfigError("policies: `served` evaluates the policy of an openpi-protocol server: set model.kind: "
+                          "openpi_server and model.url: ws://host:port")
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

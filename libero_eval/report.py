@@ -375,6 +375,10 @@ def _notes(data: RunData) -> list[str]:
         warning = overlap_warning(data.config, sorted({(r.suite, r.task_id, r.trial) for r in data.results}))
         if warning:
             notes.append(warning)
+    if any((rec.get("extra") or {}).get("remote_noise") for r in data.results for rec in r.records[:1]):
+        notes.append("served by a foreign openpi server (model.kind openpi_server): its noise is its own, so episodes "
+                     "are not paired by seed with other variants or runs (only libero-eval serve takes the episode's "
+                     "seed), and every frame is recorded and priced as a full Pi0.5 frame")
     errors = [r for r in data.results if r.status == "error"]
     if errors:
         notes.append(f"{len(errors)} episode(s) ended in an error and are not counted as task failures")

@@ -35,6 +35,7 @@ from http import HTTPStatus
 from typing import Any
 
 import numpy as np
+import torch
 import websockets.asyncio.server as ws_server
 import websockets.exceptions
 import yaml
@@ -320,6 +321,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--port", default=8000, type=int, help="port (default 8000; 0: any free port)")
     parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Api-Key <key>' (or ${API_KEY_ENV})")
     parser.add_argument("--insecure", action="store_true", help="allow another --host without an API key")
+    parser.add_argument("--threads", default=None, type=int,
+                        help="torch CPU threads (default torch's; a sweep's CPU policy actor uses 1: the same number "
+                             "gives the same floating-point results as a sweep in process)")
     parser.add_argument("--max-message-mb", default=8.0, type=float,
                         help="largest request accepted, in MiB (default 8; larger ones get an error reply)")
     return parser
@@ -330,6 +334,8 @@ def run(args: argparse.Namespace) -> int:
         config, variant, options = build(args)
     except (ConfigError, ValueError) as exc:
         return fail("serve", exc)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     server = make_server(config, variant, options)
 
     async def main() -> None:

@@ -31,6 +31,8 @@ from libero_eval.ray_actors import PolicyActor, RolloutWorker
 from libero_eval.specs import EpisodeResult, EpisodeSpec
 from libero_eval.store import INFRA_REASONS, ResultStore
 from libero_eval.trained_on import overlap_warning
+from policies.base import PolicyError
+from policies.serving.openpi_remote import describe_server, server_metadata
 from tasks import layout, registry
 
 log = logging.getLogger("libero_eval")
@@ -179,6 +181,12 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
               + (f"; {again} stored infrastructure error(s) run again" if again else "")
               + f" (to start over: delete {run_dir} or pass another --out)")
     outcome = SweepOutcome(run_dir, [], len(specs), 0, 0, 0.0, {})
+    if todo and config.model.kind == "openpi_server":  # unreachable: fail now, before Ray starts
+        try:
+            metadata = server_metadata(config.model.url, config.model.api_key_env)
+        except PolicyError as exc:
+            raise ConfigError(f"model.url: {exc}") from None
+        print(f"openpi server at {config.model.url}: {describe_server(metadata)}")
     store.prune_videos()  # videos of attempts killed in an earlier, interrupted run
     if todo:
         init_ray(config)
@@ -186,7 +194,7 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
         by_label = {v.label: v for v in variants}
         latencies: dict = {}
         r = config.ray
-        use_gpu = _gpu_available()
+        use_gpu = _gpu_available() and config.model.kind != "openpi_server"  # a served model has its own device
         actor_opts = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": r.policy_actor_cpus}
         actor_name = f"libero-eval-policy-{uuid.uuid4().hex[:8]}"
         policy_actor = PolicyActor.options(name=actor_name, max_restarts=r.max_retries, **actor_opts).remote(

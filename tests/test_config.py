@@ -71,7 +71,7 @@ def test_overrides_are_typed_and_dotted():
     (["episode.video=gif"], r"episode.video: expected one of \('query', 'every_step', 'none'\), got 'gif'"),
     (["episode.replan_steps=0"], "episode.replan_steps: expected >= 1, got 0"),
     (["model.device=tpu"], "model.device: expected one of auto, cpu, cuda, got 'tpu'"),
-    (["model.kind=onnx"], "model.kind: expected 'tiny' or 'checkpoint', got 'onnx'"),
+    (["model.kind=onnx"], "model.kind: expected one of tiny, checkpoint, openpi_server, got 'onnx'"),
 ])
 def test_bad_configs_fail_with_the_key_and_value(overrides, message):
     with pytest.raises(ValueError, match=message):

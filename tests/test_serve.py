@@ -37,7 +37,7 @@ def _observation(i: int, prompt: str = PROMPT, position: float = 0.0) -> dict:
 
 def _args(policy: str | None = None, **kw) -> argparse.Namespace:
     base = dict(config=None, overrides=["model.kind=tiny"], variant=None, policy=policy, checkpoint=None,
-                host="127.0.0.1", port=0, api_key=None, insecure=False, max_message_mb=8.0)
+                host="127.0.0.1", port=0, api_key=None, insecure=False, max_message_mb=8.0, threads=None)
     return argparse.Namespace(**{**base, **kw})
 
 

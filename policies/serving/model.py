@@ -22,10 +22,11 @@ from policies.pi05.processing import (
 )
 from policies.pi05.tensorrt import make_backend
 from policies.serving.engine import Engine
+from policies.serving.openpi_remote import OpenpiServerEngine
 from policies.serving.pi05 import EXECUTED_STEPS, Pi05Engine
 from policies.serving.variants import PolicyVariant
 
-MODEL_KINDS = ("tiny", "checkpoint")
+MODEL_KINDS = ("tiny", "checkpoint", "openpi_server")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -42,10 +43,15 @@ class ModelConfig:
     compile_mode: str = "default"  # torch.compile's mode (reduce-overhead, max-autotune, ...: backends.COMPILE_MODES)
     cuda_graphs: bool = True  # compile/tensorrt on CUDA: the denoising loop as one CUDA graph per batch shape
     engine_dir: str | None = None  # tensorrt: the directory launch/build_engines.py wrote
+    # openpi_server: a policy served over openpi's websocket protocol (openpi's serve_policy.py, libero-eval serve)
+    url: str | None = None  # ws://host:port
+    api_key_env: str | None = None  # the environment variable holding its API key (never the key itself)
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
-            raise ValueError(f"kind: expected 'tiny' or 'checkpoint', got {self.kind!r}")
+            raise ValueError(f"kind: expected one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
+        if self.kind == "openpi_server" and not (isinstance(self.url, str) and self.url.startswith(("ws://", "wss://"))):
+            raise ValueError(f"url: model.kind openpi_server needs the server's address as ws://host:port, got {self.url!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
         self.backend_options()  # raises, naming the key, for a bad backend setting
@@ -92,6 +98,9 @@ def tiny_random(seed: int = 0, tokenizer_path: str | Path | None = None, device:
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
+    if config.kind == "openpi_server":
+        raise ValueError(f"model.kind openpi_server: the model lives on its server ({config.url}); this needs a "
+                         "model loaded here (model.kind tiny or checkpoint)")
     if config.kind == "tiny":
         return tiny_random(seed=config.seed, device=config.torch_device())
     return load_checkpoint(config.checkpoint, device=config.torch_device(), dtype=config.dtype)
@@ -106,6 +115,8 @@ def make_engine(model: ModelConfig, variants: list[PolicyVariant], shadow: bool 
     parameter that does not fit it fails at start, not in the first episode."""
     if all(v.model_free for v in variants):
         return Engine()
+    if model.kind == "openpi_server":
+        return OpenpiServerEngine(model.url, model.api_key_env)
     loaded = load_model(model)
     backend = make_backend(loaded.model, model.backend_options())
     label = loaded.label if backend.name == "eager" else f"{loaded.label}@{backend.name}"

@@ -129,7 +129,23 @@ class RTCSettings:
 
 # Policies without a model: name -> (Policy class, its config dataclass). Pi0.5 cache policies: policies.cache.
 MODEL_FREE: dict[str, tuple[type[Policy], type]] = {"hold": (HoldPolicy, HoldConfig), "expert": (ExpertPolicy, ExpertParams)}
-POLICY_NAMES = (*MODEL_FREE, *CACHE_POLICY_NAMES)
+
+
+@dataclasses.dataclass
+class ServedConfig:
+    """`served`: whatever the openpi-protocol server of `model.kind: openpi_server` serves (its cache policy
+    and denoising are the server's); no parameters of its own, only the execution axis."""
+
+
+class ServedPolicy:
+    """What a rollout worker builds for a `served` variant's queries: images and state, as openpi's clients."""
+
+    needs_images = True
+    needs_privileged = False
+
+
+SERVED = "served"
+POLICY_NAMES = (*MODEL_FREE, *CACHE_POLICY_NAMES, SERVED)
 # Per-variant axes besides the policy's own parameters: axis -> config class. Pi0.5 paths only ...
 AXES: dict[str, type] = {"denoise": DenoiseSettings, "rtc": RTCSettings}
 # ... and for every variant
@@ -141,6 +157,8 @@ def config_class(name: str) -> type:
         return MODEL_FREE[name][1]
     if name in REGISTRY:
         return REGISTRY[name][0]
+    if name == SERVED:
+        return ServedConfig
     raise VariantError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
 
 
@@ -196,6 +214,8 @@ class PolicyVariant:
     @property
     def policy_class(self) -> type:
         """The class that declares what a rollout worker must build per query (`needs_images`, ...)."""
+        if self.name == SERVED:
+            return ServedPolicy
         return MODEL_FREE[self.name][0] if self.model_free else REGISTRY[self.name][1]
 
     @property
@@ -218,7 +238,7 @@ class PolicyVariant:
         ...); they are not part of `params` (labels, results)."""
         params = dict(params or {})
         policy_cls = config_class(name)
-        axes = {**GENERAL_AXES, **({} if name in MODEL_FREE else AXES)}
+        axes = {**GENERAL_AXES, **({} if name in MODEL_FREE or name == SERVED else AXES)}
         axis_fields = {f.name: axis for axis, c in axes.items() for f in dataclasses.fields(c)}
         valid = set(parameter_types(policy_cls)) | set(axis_fields)
         for key in params:
@@ -242,5 +262,8 @@ class PolicyVariant:
         if name in MODEL_FREE and by_axis["execution"].execution == "rtc":
             raise VariantError(f"policy {label!r}: execution rtc guides a flow model's denoising; {name!r} has "
                                "no model (use execution: naive)")
+        if name == SERVED and by_axis["execution"].execution == "rtc":
+            raise VariantError(f"policy {label!r}: execution rtc guides the denoising inside the model, which a "
+                               "served policy keeps to its server (use execution: naive)")
         return cls(label=label, name=name, params=tuple(sorted(params.items())), policy=policy,
                    denoise=by_axis.get("denoise"), execution=by_axis["execution"], rtc=by_axis.get("rtc"))
