@@ -70,6 +70,47 @@ def test_a_sweep_against_libero_eval_serve_reproduces_the_in_process_sweep(serve
     assert "foreign openpi server" not in (tmp_path / "served" / "summary.md").read_text()
 
 
+@pytest.mark.slow
+def test_openpis_libero_example_loop_runs_against_libero_eval_serve(served):
+    """The loop of openpi's examples/libero/main.py, unmodified in what it sends: one WebsocketClientPolicy for
+    every episode, 10 settling steps, then a query every 5 steps for openpi's LIBERO keys, no episode marks.
+    The server starts a session (a full frame) per episode on its own: first request, then the reset's jump."""
+    # openpi-client and LIBERO: this test only
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    from tasks import registry
+    from tasks.env import EnvConfig, LiberoEnv
+    from tasks.protocol import AGENTVIEW, WRIST, model_image, state_vector
+
+    client = WebsocketClientPolicy(host=served)
+    task = registry.get_task("libero_spatial", 0)
+    starts, queries = [], 0
+    with LiberoEnv(task, EnvConfig()) as env:
+        for trial in (42, 43):
+            raw = env.reset(0, registry.init_state("libero_spatial", 0, trial), observe=True, trial=trial)
+            plan: list = []
+            for t in range(task.max_steps + 10):
+                if t < 10:  # openpi lets objects settle with a do-nothing action first
+                    env.expect_observation(1)
+                    raw, _ = env.step([0, 0, 0, 0, 0, 0, -1])
+                    continue
+                if not plan:
+                    reply = client.infer({"observation/image": model_image(raw[AGENTVIEW]),
+                                          "observation/wrist_image": model_image(raw[WRIST]),
+                                          "observation/state": state_vector(raw), "prompt": task.language})
+                    queries += 1
+                    record = reply["libero_eval"]
+                    if record["new_session"] is not None:
+                        starts.append((trial, record["new_session"], record["decision"], record["index"]))
+                    plan = list(reply["actions"][:5])
+                    env.expect_observation(len(plan))
+                raw, done = env.step(plan.pop(0))
+                if done or env.check_success():
+                    break
+    assert starts == [(42, "first_request", "full", 0), (43, "state_jump", "full", 0)]
+    assert queries > 40
+
+
 def test_served_variants_need_a_server_and_the_server_keeps_its_cache_policy():
     with pytest.raises(ConfigError, match="cache policy and denoising are the server's"):
         load_config(None, ["model.kind=openpi_server", "model.url=ws://127.0.0.1:1", "latency=measured",
@@ -123,3 +164,29 @@ def test_a_foreign_server_gets_openpis_keys_only_and_its_frames_say_so():
     assert chunk.actions.shape == (10, 7) and (record.decision, record.reason) == ("full", "remote")
     assert record.extra["remote_noise"] and record.extra["compute"]["velocity_evals"] == 10
     assert record.extra["remote"]["server_timing"] == {"infer_ms": 1.5} and record.latency_ms["total"] > 0
+
+
+def test_a_server_that_goes_away_mid_episode_is_an_infrastructure_failure():
+    """Stop a real `libero-eval serve` (in a thread) while a session is open on it: the next request fails
+    as ServerUnavailable, a SessionLost, which a sweep retries as an infrastructure error (never an outcome)."""
+    # the server side: this test only
+    import argparse
+
+    from libero_eval.serve import build, make_server, serving_in_thread
+    from policies.serving.engine import SessionLost
+    from policies.serving.openpi_remote import ServerUnavailable
+
+    args = argparse.Namespace(config=None, overrides=["model.kind=tiny"], variant=None, policy=None, checkpoint=None,
+                              host="127.0.0.1", port=0, api_key=None, insecure=False, max_message_mb=8.0, threads=None)
+    config, variant, options = build(args)
+    config.model.kind = "tiny"
+    served = PolicyVariant.make("served", "served", {}, {"latency": "measured"})
+    with serving_in_thread(make_server(config, variant, options)) as port:
+        engine = make_engine(ModelConfig(kind="openpi_server", url=f"ws://127.0.0.1:{port}"), [served])
+        engine.open("ep", served, 3)
+        (first,) = engine.infer_batch([Request("ep", dict(WARMUP_OBSERVATION))])
+        assert first.record.extra["remote"]["server"] == "libero-eval" and first.record.decision == "full"
+    (lost,) = engine.infer_batch([Request("ep", dict(WARMUP_OBSERVATION))])  # the server is gone
+    assert isinstance(lost, ServerUnavailable) and isinstance(lost, SessionLost)
+    with pytest.raises(ServerUnavailable, match="cannot connect"):
+        engine.open("ep2", served, 4)

@@ -187,3 +187,28 @@ def test_serve_refuses_what_it_cannot_serve():
     with pytest.raises(ConfigError, match="--policy: expected NAME"):
         build(_args("fixed_window:window"))
     assert ServeOptions().host == "127.0.0.1"
+
+
+def test_sixteen_concurrent_clients_lose_no_request_and_are_batched_together():
+    """The load test of benchmarks/bench_serve.py, bounded and small: every request answered, each client's
+    answers in its own session, and the serving core formed batches of several connections."""
+    _, _, server = _tiny_server()
+    answers: dict[int, list[str]] = {}
+    with serving_in_thread(server) as port:
+        clients = [WebsocketClientPolicy(host="127.0.0.1", port=port) for _ in range(16)]
+        go = threading.Barrier(16)
+
+        def run(c: int) -> None:
+            go.wait()
+            answers[c] = [clients[c].infer({**_observation(i), wire.EPISODE_KEY: c})[wire.REPLY_KEY]["session"]
+                          for i in range(5)]
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert sorted(answers) == list(range(16)) and all(len(set(a)) == 1 and len(a) == 5 for a in answers.values())
+    assert len({a[0] for a in answers.values()}) == 16  # one session per connection
+    stats = server.core.batcher.stats()
+    assert stats["requests"] == 80 and stats["max_batch_size"] > 1
