@@ -6,7 +6,9 @@
    executed actions are compared with the full computation on the same observation and noise. Per policy:
    action cosine vs full compute (mean / p5 / min), L2, reuse rate, prefix compute skipped, and the
    distribution (p50 / p75 / p90 / p95, the percentiles seed 003 picked thresholds from) of every signal
-   the policy decided on.
+   the policy decides on. For a policy with thresholds the distribution is measured as if every frame
+   were computed (a twin of the variant with its thresholds where every frame is full): it depends on the
+   recorded frames only, never on the thresholds being evaluated (`signals_gated`: as the variant gated).
 Writes <out>/replay_summary.json (default <run_dir>/replay/), <out>/replay_records.jsonl (one line per
 frame) and prints a table. Offline fidelity is what the users' closed-loop question starts from: the
 report puts it beside closed-loop success.
@@ -32,7 +34,7 @@ from policies.base import PolicyError
 from policies.serving.engine import Request
 from policies.serving.model import ModelConfig, load_model
 from policies.serving.pi05 import Pi05Engine
-from policies.serving.variants import MODEL_FREE
+from policies.serving.variants import MODEL_FREE, PolicyVariant
 
 SUMMARY_FILE = "replay_summary.json"
 RECORDS_FILE = "replay_records.jsonl"
@@ -106,13 +108,44 @@ def replay(engine, sequences: list[Sequence], variants: list, max_batch: int = 8
     return records
 
 
+def every_frame_full(variant: PolicyVariant) -> PolicyVariant | None:
+    """The variant with its gating thresholds where every frame is computed (its policy's FULL_EVERY_FRAME),
+    so each signal is measured against the previous frame with that frame's own attention, as seed 003's
+    offline analysis measured them: the same recorded frames give the same distribution whatever the
+    thresholds. None for a policy without thresholds."""
+    forced = getattr(variant.policy_class, "FULL_EVERY_FRAME", None)
+    if not forced:
+        return None
+    return PolicyVariant.make(f"{variant.label}__every_frame_full", variant.name, {**variant.param_dict, **forced})
+
+
+def with_twins(variants: list[PolicyVariant]) -> tuple[list[PolicyVariant], dict[str, str]]:
+    """The variants plus one every-frame-full twin per distinct set of non-threshold parameters; returns
+    (all to replay, {variant label: its twin's label})."""
+    twins: dict[tuple, PolicyVariant] = {}
+    twin_of: dict[str, str] = {}
+    for v in variants:
+        twin = every_frame_full(v)
+        if twin is not None:
+            twin_of[v.label] = twins.setdefault((twin.name, twin.params), twin).label
+    return variants + list(twins.values()), twin_of
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(values, q)) for q in PERCENTILES}
 
 
-def summarize_policy(variant, records: list[dict[str, Any]]) -> dict[str, Any]:
-    cos = [r["signals"]["shadow_cos"] for r in records]
+def signal_percentiles(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     names = sorted({k for r in records for k in r["signals"] if k not in NOT_DECISION_SIGNALS})
+    return {name: percentiles([r["signals"][name] for r in records if name in r["signals"]]) for name in names}
+
+
+def summarize_policy(variant, records: list[dict[str, Any]],
+                     every_frame_full: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Fidelity of the variant's own decisions; `signals` from its every-frame-full twin's records when it
+    has thresholds (policy-independent, what thresholds are chosen from), else from its own."""
+    cos = [r["signals"]["shadow_cos"] for r in records]
+    gated = signal_percentiles(records)
     return {
         "policy": variant.label,
         "name": variant.name,
@@ -123,8 +156,9 @@ def summarize_policy(variant, records: list[dict[str, Any]]) -> dict[str, Any]:
         "l2_mean": float(np.mean([r["signals"]["shadow_l2"] for r in records])),
         "reuse_rate": sum(r["decision"] in REUSE_DECISIONS for r in records) / len(records),
         "compute_skipped": float(np.mean([r["signals"]["prefix_skipped"] for r in records])),
-        "signals": {name: percentiles([r["signals"][name] for r in records if name in r["signals"]])
-                    for name in names},
+        "signals": gated if every_frame_full is None else signal_percentiles(every_frame_full),
+        "signals_basis": "own decisions" if every_frame_full is None else "every frame full",
+        "signals_gated": gated,
     }
 
 
@@ -244,16 +278,19 @@ def run(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"libero-eval replay: error: {exc}", file=sys.stderr)
         return 2
-    total = len(variants) * sum(len(s.observations) for s in sequences)
+    served, twin_of = with_twins(variants)  # the twins' signals are every frame's, whatever the thresholds
+    for twin in served[len(variants):]:
+        engine.bind(twin)
+    total = len(served) * sum(len(s.observations) for s in sequences)
     with tqdm(total=total, desc="replay", unit="frame", dynamic_ncols=True) as bar:
-        records = replay(engine, sequences, variants, args.max_batch, progress=bar.update)
+        records = replay(engine, sequences, served, args.max_batch, progress=bar.update)
 
     summary = {
         "model": {**dataclasses.asdict(model), "label": loaded.label, "config": loaded.model.config.name,
                   "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
                   "device": str(engine.device)},
         "sequences": len(sequences),
-        "policies": [summarize_policy(v, records[v.label]) for v in variants],
+        "policies": [summarize_policy(v, records[v.label], records.get(twin_of.get(v.label, ""))) for v in variants],
     }
     out = Path(args.out) if args.out else default_out
     out.mkdir(parents=True, exist_ok=True)

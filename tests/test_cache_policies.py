@@ -109,7 +109,9 @@ def test_attention_drift_first_frame_then_state_guard_against_the_last_full_fram
     assert reasons(decisions) == ["first_frame", "below_threshold", "state_drift", "below_threshold"]
     assert "state_drift" not in decisions[0].signals
     assert decisions[1].signals["state_drift"] == pytest.approx(0.2)
-    assert decisions[2].signals["state_drift"] == pytest.approx(0.3) and "weighted_drift" not in decisions[2].signals
+    assert decisions[2].signals["state_drift"] == pytest.approx(0.3)
+    assert decisions[2].signals["weighted_drift"] == 0.0  # measured although the guard decided (seed 003)
+    assert decisions[2].signals["state_drift_prev"] == pytest.approx(0.1)  # vs frame 1, which was reused
     assert decisions[3].signals["state_drift"] == 0.0 and decisions[3].signals["weighted_drift"] == 0.0
     assert decisions[0].thresholds == {"state_drift": 0.23, "weighted_drift": 1.0}
     assert decisions[0].needs.denoise_layers == frozenset({0, 1, 2})  # "last four" of a 3-layer model = all
@@ -130,6 +132,36 @@ def test_attention_drift_weights_pixel_change_by_the_dilated_importance_map():
     assert (d_near.kind, d_near.reason) == ("full", "vision_drift")
     assert d_near.signals["weighted_drift_cam0"] == d_near.signals["weighted_drift"] > 0.05
     assert d_near.signals["weighted_drift_cam1"] == 0.0
+
+
+def test_attention_drift_measures_every_signal_against_the_last_full_and_the_previous_frame():
+    """Signals do not depend on the gate: frame 2 changes camera 1 only; its drift vs frame 1 (reused) and vs
+    frame 0 (the last full) are both recorded; `cameras: base` gates on slot 0, `max` on the worst slot."""
+    lay = layout()
+    still, wrist = torch.zeros(3, 3, 224, 224), torch.zeros(3, 3, 224, 224)
+    wrist[1, :, :14, :14] = 1.0  # camera slot 1's hot patch
+    half = still.clone()
+    half[1, :, :14, :14] = 0.5
+    frames = [frame(0, still), frame(1, half), frame(2, wrist)]
+    for cameras, expected in (("base", ["first_frame", "below_threshold", "below_threshold"]),
+                              ("max", ["first_frame", "vision_drift", "vision_drift"])):
+        policy = drift_policy(drift_threshold=0.003, cameras=cameras)
+        decisions = []
+        for f in frames:
+            d = policy.decide(f)
+            decisions.append(d)
+            policy.update(f, d, outputs_for(d, lay))  # uniform attention over every key
+        assert reasons(decisions) == expected, cameras
+        last = decisions[2].signals
+        # base reused frame 1, so its last full frame is frame 0 (a larger change); max computed frame 1
+        vs_full, vs_prev = last["weighted_drift_cam1"], last["weighted_drift_prev_cam1"]
+        assert (vs_full > vs_prev > 0) if cameras == "base" else (vs_full == vs_prev > 0)
+        assert last["weighted_drift_cam0"] == 0.0
+        assert last["pixel_drift_cam1"] > 0 and last["pixel_drift_cam0"] == 0.0
+        gate = last["weighted_drift_cam0"] if cameras == "base" else last["weighted_drift_cam1"]
+        assert last["weighted_drift"] == gate
+    with pytest.raises(VariantError, match="cameras 'wrist': expected one of base, max"):
+        drift_policy(cameras="wrist")
 
 
 def test_attention_drift_presets():

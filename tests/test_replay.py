@@ -65,6 +65,24 @@ def test_replay_measures_fidelity_and_signal_distributions(tmp_path):
 # ---- the shared text table
 
 
+def test_signal_distributions_do_not_depend_on_the_thresholds(tmp_path):
+    """Seed 003 chose thresholds from percentiles of signals measured on every frame: the same recorded
+    frames give attention_drift the same distribution whatever its thresholds (a twin computes every
+    frame), while what it gated on differs."""
+    for i in range(2):
+        record(tmp_path, f"ep{i}", 5, seed=30 + i)
+    sequences = [load_sequence(f) for f in rp.locate(tmp_path)[0]]
+    variants = [variant("attention_drift", drift_threshold=0.0, state_threshold=0.0, label="strict"),
+                variant("attention_drift", drift_threshold=50.0, state_threshold=50.0, label="lax")]
+    served, twin_of = rp.with_twins(variants)
+    assert len(served) == 3 and twin_of["strict"] == twin_of["lax"]  # one twin: same non-threshold parameters
+    records = rp.replay(engine(cache_model(), shadow=True), sequences, served, max_batch=4)
+    strict, lax = (rp.summarize_policy(v, records[v.label], records[twin_of[v.label]]) for v in variants)
+    assert strict["signals"] == lax["signals"] and strict["signals_basis"] == "every frame full"
+    assert {"weighted_drift_prev", "state_drift_prev", "pixel_drift_prev_cam0"} <= set(strict["signals"])
+    assert strict["reuse_rate"] < lax["reuse_rate"] and strict["signals_gated"] != lax["signals_gated"]
+
+
 def test_format_table_aligns_numbers_right_and_text_left():
     out = tables.format_table(["name", "n", "rate", "note"], [["a", 3, "50%", "x"], ["long name", 12, None, ""]])
     assert out.splitlines() == [
@@ -128,8 +146,8 @@ def test_cli_writes_the_summary_schema(tmp_path, capsys):
     assert [p["policy"] for p in summary["policies"]] == ["none", "fixed_window_window2"]
     for row in summary["policies"]:
         assert set(row) == {"policy", "name", "frames", "cos_mean", "cos_p5", "cos_min", "l2_mean", "reuse_rate",
-                            "compute_skipped", "signals"}
-        assert row["frames"] == 2
+                            "compute_skipped", "signals", "signals_basis", "signals_gated"}
+        assert row["frames"] == 2 and row["signals_basis"] == "own decisions"  # no thresholds to lift
     assert summary["policies"][1]["reuse_rate"] == 0.5
     lines = (tmp_path / "replay" / rp.RECORDS_FILE).read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[1])["policy"] == "none"

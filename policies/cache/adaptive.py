@@ -40,6 +40,7 @@ class AdaptivePolicy(FixedWindowPolicy):
     are the last full frame's; pixel_mae is recorded on every frame after the first."""
 
     name = "adaptive"
+    FULL_EVERY_FRAME = {"pixel_mae": 0.0}  # pixel_mae >= 0 always refreshes: every frame computed
 
     def __init__(self, layout: PrefixLayout, config: AdaptiveConfig | None = None) -> None:
         super().__init__(layout, config or AdaptiveConfig())
