@@ -2,6 +2,8 @@
 state guard and vision-drift gate, VLA-Cache's token plan, and the name/parameter checks."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from policies.cache import CachePolicyError, make_cache_policy
 from policies.cache.adaptive import AdaptiveConfig, AdaptivePolicy
 from policies.cache.attention_drift import AttentionDriftConfig
 from policies.cache.fixed_window import FixedWindowConfig, FixedWindowPolicy
-from policies.cache.vla_cache import VlaCacheConfig
+from policies.cache.vla_cache import VlaCacheConfig, VlaCachePolicy
 from policies.serving.variants import PolicyVariant, VariantError
 from tests.cache_helpers import Driven, drive, driven, frame, layout, outputs_for
 
@@ -191,11 +193,11 @@ def test_vla_cache_seed_threshold_keeps_only_unimportant_static_patches():
     lay = layout()
     f0 = frame(0, seed=0)
     f1 = frame(1, f0.images)  # the same images: every patch static
-    uniform = vla_policy()  # seed 000: importance < 0.001, at most 120 per camera
+    uniform = vla_policy(relevance="threshold")  # seed 000: importance < 0.001, at most 120 per camera
     drive(uniform, [f0], lay)  # uniform relevance: 1/256 per patch, above 0.001
     assert uniform.decide(f1).reason == "no_reusable_patches"
 
-    policy = vla_policy()
+    policy = vla_policy(relevance="threshold")
     first = policy.decide(f0)
     hot = outputs_for(first, lay)
     hot.prefix_relevance[1].zero_()
@@ -239,6 +241,48 @@ def test_vla_cache_entropy_schedule_sets_per_layer_counts():
                       growth_factor=1.0)
     flat.update(frame(0, images), first, out)
     assert flat.decide(frame(1, images)).extra["tokens_per_layer"][1] == lay.num_tokens - 200
+
+
+def test_vla_cache_counts_scale_to_the_token_grid():
+    """The seed's 150 / 120 of 256 tokens and its 0.001 importance (a quarter of the uniform 1/256) are
+    fractions: on the shipped model's 49 tokens per camera they are 29, 23 and 0.256 / 49."""
+    grid256 = layout()
+    small = dataclasses.replace(grid256, tokens_per_camera=49, grid=7, patch_size=32,
+                                num_tokens=grid256.num_tokens - 3 * (256 - 49))
+    repo = VlaCachePolicy(grid256, VlaCacheConfig())
+    assert (repo.static_top_k, repo.relevance_top_k, repo.importance_threshold) == (150, 120, pytest.approx(0.001))
+    scaled = VlaCachePolicy(small, VlaCacheConfig())
+    assert (scaled.static_top_k, scaled.relevance_top_k) == (29, 23)
+    assert scaled.importance_threshold == pytest.approx(0.256 / 49) and scaled.importance_threshold > 0.001
+    fixed = VlaCachePolicy(small, VlaCacheConfig(static_top_k=40, relevance_top_k=10, importance_threshold=0.01))
+    assert (fixed.static_top_k, fixed.relevance_top_k, fixed.importance_threshold) == (40, 10, 0.01)
+
+
+def test_vla_cache_seed_000_schedule_every_layer_clamped_higher_entropy_more_reuse():
+    lay = layout()
+    policy = vla_policy(relevance="top_k", relevance_top_k=0, static_top_k=100, layer_schedule="seed_000")
+    assert policy.policy.pruning_layers == [1, 2] and policy.policy.relevance_layer == 2  # every layer, the last
+    assert policy.policy.entropy_layers == [0, 1, 2]
+    images = frame(0).images
+    first = policy.decide(frame(0, images))
+    out = outputs_for(first, lay)
+    out.prefix_entropy.update({0: 3.0, 1: 1.0, 2: 2.0})  # normalised 1, 0, 0.5
+    policy.update(frame(0, images), first, out)
+    d = policy.decide(frame(1, images))
+    # reuse = clamp(e * 0.55 + 0.225, 0.3, 0.95) = [0.775, 0.3, 0.5]; dropped only grows: 60 at 1, 100 at 2
+    assert d.extra["tokens_per_layer"] == [lay.num_tokens, lay.num_tokens - 60, lay.num_tokens - 100]
+    with pytest.raises(VariantError, match="layer_schedule 'paper': expected one of repo, seed_000"):
+        vla_policy(layer_schedule="paper")
+
+
+def test_vla_cache_a_change_in_the_camera_set_is_a_full_frame():
+    lay = layout()
+    policy = vla_policy(relevance="top_k", relevance_top_k=0)
+    images = frame(0).images
+    one_camera = dataclasses.replace(frame(1, images), image_mask=torch.tensor([True, False, False]))
+    decisions = drive(policy, [frame(0, images), frame(1, images), one_camera, dataclasses.replace(one_camera, index=3)],
+                      lay)
+    assert reasons(decisions) == ["first_frame", "static_patches", "camera_change", "static_patches"]
 
 
 # ---- names and parameters

@@ -143,6 +143,14 @@ def reuse_schedule(entropy: Tensor, growth_factor: float) -> Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
+def seed_reuse_schedule(entropy: Tensor, growth_factor: float, low: float, high: float) -> Tensor:
+    """Seed 000 Phase 3's schedule: min-max normalised entropy e, reuse = e x g + 0.5 x (1 - g), clamped to
+    [low, high]. Higher entropy (diffuse attention) -> more reuse: the opposite direction of the repo's."""
+    # entropy: [L] -> [L] in [low, high]
+    norm = (entropy - entropy.min()) / (entropy.max() - entropy.min() + EPS)
+    return torch.clamp(norm * growth_factor + 0.5 * (1.0 - growth_factor), min=low, max=high).float()
+
+
 def scaled_layers(reference: list[int], reference_depth: int, depth: int) -> list[int]:
     """Layer indices of a `reference_depth`-layer model mapped to `depth` layers (rounded, >= 1, unique)."""
     return sorted({max(1, min(depth - 1, round(layer * depth / reference_depth))) for layer in reference})
