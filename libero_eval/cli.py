@@ -288,7 +288,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     if len(args.run_dir) > 2:
         return fail("report", f"one run directory, or two to compare, got {len(args.run_dir)}: {args.run_dir}")
     if len(args.run_dir) == 2:
+        if args.timelines != "2":
+            return fail("report", "--timelines is for one run's report.html; a comparison shows the changed episodes")
         return _compare(args)
+    if args.out is not None:
+        return fail("report", "--out is for a comparison (two run directories); a run's report goes into it")
     run_dir = Path(args.run_dir[0])
     try:
         timelines = parse_timelines(args.timelines)
@@ -316,9 +320,13 @@ def _compare(args: argparse.Namespace) -> int:
         cmp = compare_runs(run_a, run_b)
     except ReportError as exc:
         return fail("report", exc)
-    out = Path(args.out) if args.out else run_b.parent / f"compare_{run_a.resolve().name}_vs_{run_b.resolve().name}"
+    out = (Path(args.out) if args.out
+           else run_b.resolve().parent / f"compare_{run_a.resolve().name}_vs_{run_b.resolve().name}")
     print(format_comparison(cmp))
-    html_path, md_path = write_comparison(cmp, out)
+    try:
+        html_path, md_path = write_comparison(cmp, out)
+    except OSError as exc:
+        return fail("report", f"cannot write the comparison into {out}: {exc}")
     print(f"comparison: {html_path} and {md_path}")
     if args.wandb:
         try:

@@ -23,7 +23,7 @@ from libero_eval.plots import overall_rows
 from libero_eval.report import ReportError, RunData, html_table, img_tag, md_table, load_run
 from libero_eval.specs import EpisodeResult
 from libero_eval.sweep_summary import paired
-from libero_eval.tracking import flatten, flush_wandb, open_wandb_run, wandb_env
+from libero_eval.tracking import SECRET_NAME, flatten, flush_wandb, open_wandb_run, wandb_env
 
 VIDEO_PAIRS = 12  # changed episodes shown with both videos in compare.html (all are in the table)
 REUSE_FLAG = 0.01  # reuse rates further apart than this are flagged
@@ -101,9 +101,9 @@ def _flags(row: dict[str, Any], variant_a: dict[str, Any], variant_b: dict[str, 
     errors = (ra["errors"], rb["errors"])
     if any(errors):
         flags.append(f"errors {errors[0]}->{errors[1]}")
-    unpaired = max(ra["n"], rb["n"]) - row["pairs"]
-    if unpaired:
-        flags.append(f"{unpaired} episode(s) without a partner")
+    alone = (ra["n"] - row["pairs"], rb["n"] - row["pairs"])
+    if any(alone):
+        flags.append(f"without a partner: {alone[0]} in A, {alone[1]} in B")
     return flags
 
 
@@ -190,7 +190,8 @@ def legend(cmp: Comparison) -> list[str]:
             "difference these pairs could detect (80% power, two-sided 5%, Connor 1987 from the number of pairs "
             "and the observed discordance): a delta below it is not a finding.",
             "reuse / speedup / lat ms: A->B where they differ (modelled cost per frame, see the README's Speed).",
-            "Config keys that differ: " + ("; ".join(f"{k}: {va} -> {vb}" for k, va, vb in cmp.config_diff)
+            "Config keys that differ: " + ("; ".join(f"{k}: {'(hidden)' if SECRET_NAME.search(k) else f'{va} -> {vb}'}"
+                                                     for k, va, vb in cmp.config_diff)
                                            if cmp.config_diff else "none (the variants' own settings aside).")]
 
 
@@ -274,7 +275,7 @@ def log_comparison(cmp: Comparison, out_dir: str | Path, mode: str = "offline", 
     name_a, name_b = cmp.names
     name = f"compare-{name_a}-vs-{name_b}".replace(":", "_").replace("/", "_")
     config = {"run_a": str(cmp.a.run_dir.resolve()), "run_b": str(cmp.b.run_dir.resolve()),
-              **{f"config_diff.{k}": f"{va} -> {vb}" for k, va, vb in cmp.config_diff}}
+              **{f"config_diff.{k}": f"{va} -> {vb}" for k, va, vb in cmp.config_diff if not SECRET_NAME.search(k)}}
     with wandb_env(out_dir, mode):
         run = open_wandb_run(mode, out_dir, project=project, job_type="compare", name=name, config=config,
                              tags=["compare"])

@@ -20,15 +20,16 @@ import msgpack
 import numpy as np
 
 from policies.base import IMAGE_KEY, PROMPT_KEY, STATE_KEY, STEP_KEY, WRIST_IMAGE_KEY
+from policies.serving import openpi_remote
 
 ALLOWED_DTYPES = ("|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8")
 MAX_NDIM = 4
 IMAGE_SHAPE = (224, 224, 3)  # openpi's LIBERO client resizes with pad to 224 (tasks/protocol.py does the same)
 STATE_DIM = 8
-# Optional keys a client may add to mark episodes (openpi's clients never send them; see README "Serving").
-EPISODE_KEY = "libero_eval/episode"  # str or int: a new value starts a new session (a new episode)
-SEED_KEY = "libero_eval/seed"  # int >= 0: that episode's paired seed (noise stream)
-REPLY_KEY = "libero_eval"  # in replies: the frame's record (decision, reason, signals, cost); clients ignore it
+# the optional request keys and the reply's record key, defined once beside the client side
+EPISODE_KEY, SEED_KEY, REPLY_KEY = openpi_remote.EPISODE_KEY, openpi_remote.SEED_KEY, openpi_remote.REPLY_KEY
+MAX_DIM = 1 << 31  # any one dimension; with the exact data size this bounds what a shape can ask for
+MAX_CONTAINER = 4096  # entries of any one msgpack map or list: a message cannot ask for millions of objects
 
 
 class WireError(ValueError):
@@ -60,8 +61,8 @@ def _array(obj: dict) -> np.ndarray:
     if dtype not in ALLOWED_DTYPES:
         raise WireError(f"array dtype {dtype!r} is not accepted (expected one of {', '.join(ALLOWED_DTYPES)})")
     if (not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise WireError(f"array shape must be a list of at most {MAX_NDIM} non-negative ints, got {shape!r}")
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)):
+        raise WireError(f"array shape must be a list of at most {MAX_NDIM} ints in [0, 2^31), got {shape!r}")
     if not isinstance(data, bytes):
         raise WireError(f"array data must be bytes, got {type(data).__name__}")
     expected = math.prod(shape) * np.dtype(dtype).itemsize
@@ -73,10 +74,14 @@ def _array(obj: dict) -> np.ndarray:
 def _scalar(obj: dict) -> Any:
     if set(obj) != {b"__npgeneric__", b"data", b"dtype"} or obj[b"dtype"] not in ALLOWED_DTYPES:
         raise WireError(f"a numpy scalar needs __npgeneric__, data and an accepted dtype, got {obj.get(b'dtype')!r}")
-    value = obj[b"data"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise WireError(f"a numpy scalar's data must be a number, got {type(value).__name__}")
-    return np.dtype(obj[b"dtype"]).type(value)
+    value, dtype = obj[b"data"], np.dtype(obj[b"dtype"])
+    if not isinstance(value, (int, float)) or (isinstance(value, bool) != (dtype.kind == "b")):
+        raise WireError(f"a numpy scalar of dtype {dtype.str} cannot hold {value!r}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        scalar = dtype.type(value)
+    if dtype.kind in "iu" and scalar != value:
+        raise WireError(f"{value!r} does not fit a numpy scalar of dtype {dtype.str}")
+    return scalar
 
 
 def _decode(obj: dict) -> Any:
@@ -95,7 +100,7 @@ def unpack(message: bytes | str, max_bytes: int) -> Any:
         raise WireError(f"message of {len(message)} bytes exceeds this server's cap of {max_bytes} bytes "
                         "(libero-eval serve --max-message-mb)")
     try:
-        return msgpack.unpackb(message, object_hook=_decode)
+        return msgpack.unpackb(message, object_hook=_decode, max_array_len=MAX_CONTAINER, max_map_len=MAX_CONTAINER)
     except WireError:
         raise
     except Exception as exc:  # msgpack's own errors: ExtraData, FormatError, StackError, ValueError, ...
@@ -105,7 +110,8 @@ def unpack(message: bytes | str, max_bytes: int) -> Any:
 def check_observation(obj: Any, needs_images: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """An observation as the engine takes it (openpi's LIBERO keys: uint8 [224, 224, 3] images, an 8-d
     state, a prompt; `env_step` optional) and the client's episode marks ({EPISODE_KEY, SEED_KEY}, either
-    absent). Other keys are ignored; WireError names the first problem."""
+    absent). Other keys are ignored once decoded (every array in a message must pass `unpack`'s allow-list,
+    whatever its key); WireError names the first problem."""
     if not isinstance(obj, dict):
         raise WireError(f"expected a map (the observation dict), got {type(obj).__name__}")
     required = [STATE_KEY, PROMPT_KEY] + ([IMAGE_KEY, WRIST_IMAGE_KEY] if needs_images else [])

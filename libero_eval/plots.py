@@ -128,7 +128,7 @@ def varying_signals(records: list[dict[str, Any]]) -> list[str]:
     values: dict[str, set] = {}
     for rec in records:
         for name, value in (rec.get("signals") or {}).items():
-            values.setdefault(name, set()).add(value)
+            values.setdefault(name, set()).add(repr(value))  # repr: NaN equals NaN, any value hashes
     return [name for name, seen in values.items() if len(seen) > 1]
 
 

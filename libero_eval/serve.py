@@ -43,7 +43,7 @@ import yaml
 from libero_eval import openpi_wire as wire
 from libero_eval.cli_common import fail
 from libero_eval.config import ConfigError, SweepConfig, load_config
-from policies.base import PROMPT_KEY, STATE_KEY
+from policies.base import PROMPT_KEY, STATE_KEY, PolicyError
 from policies.serving.core import ServingCore
 from policies.serving.model import make_engine
 from policies.serving.variants import PolicyVariant
@@ -56,6 +56,7 @@ API_KEY_ENV = "LIBERO_EVAL_API_KEY"
 # Measured (README): the largest end-effector move of one LIBERO control step under saturating actions was
 # 0.0615 m; a client runs at most replan_steps steps between two queries.
 STEP_MOVE_M = 0.065
+HARD_MARGIN = 1 << 20  # bytes over --max-message-mb still read (and answered with an error), not more
 
 
 @dataclasses.dataclass
@@ -153,6 +154,9 @@ class PolicyServer:
                                           "missing or wrong API key: send 'Authorization: Api-Key <key>'\n")
         return None
 
+    def _decode(self, message: bytes | str) -> tuple[dict[str, Any], dict[str, Any]]:
+        return wire.check_observation(wire.unpack(message, self.options.max_message_bytes), self.variant.needs_images)
+
     async def _handler(self, websocket) -> None:
         number = next(self._connections)
         tracker = EpisodeTracker(self.options.replan_steps)
@@ -162,9 +166,8 @@ class PolicyServer:
         try:
             async for message in websocket:
                 t0 = time.perf_counter()
-                try:
-                    observation, marks = wire.check_observation(wire.unpack(message, self.options.max_message_bytes),
-                                                                self.variant.needs_images)
+                try:  # decoded off the event loop: a large message never stalls the other connections
+                    observation, marks = await asyncio.get_running_loop().run_in_executor(None, self._decode, message)
                 except wire.WireError as exc:
                     self.errors += 1
                     await websocket.send(f"libero-eval serve: bad request: {exc}")
@@ -173,8 +176,16 @@ class PolicyServer:
                 if started is not None:
                     if session is not None:
                         await self.core.close(session)
-                    session, seed = f"connection{number}/session{tracker.started - 1}", started[0]
-                    await self.core.open(session, self.variant.label, seed)
+                        session = None
+                    name = f"connection{number}/session{tracker.started - 1}"
+                    try:
+                        await self.core.open(name, self.variant.label, started[0])
+                    except Exception as exc:  # e.g. a bad seed: answered, the connection stays
+                        self.errors += 1
+                        tracker.started = 0  # the next request starts a session afresh
+                        await websocket.send(f"libero-eval serve: cannot start a session: {type(exc).__name__}: {exc}")
+                        continue
+                    session, seed = name, started[0]
                 try:
                     chunk = await self.core.infer(session, observation)
                 except Exception as exc:  # a policy failure answers this request only
@@ -196,8 +207,10 @@ class PolicyServer:
         """Serve until cancelled; `ready` gets the bound port."""
         self.core.start()
         try:
+            # one request, one reply: a client needs no queue; messages up to HARD_MARGIN over the cap get a
+            # text reply naming the cap, larger ones close the connection (1009, "message too big")
             async with ws_server.serve(self._handler, self.options.host, self.options.port, compression=None,
-                                       max_size=4 * self.options.max_message_bytes,
+                                       max_size=self.options.max_message_bytes + HARD_MARGIN, max_queue=2,
                                        process_request=self._authorize) as server:
                 self.port = next(iter(server.sockets)).getsockname()[1]
                 if ready is not None:
@@ -233,9 +246,14 @@ def serving_in_thread(server: PolicyServer, timeout_s: float = 300.0) -> Iterato
     try:
         yield ready.result(timeout_s)
     finally:
-        if "task" in holder and not loop.is_closed():
-            loop.call_soon_threadsafe(holder["task"].cancel)
+        if "task" in holder:
+            try:
+                loop.call_soon_threadsafe(holder["task"].cancel)
+            except RuntimeError:  # the loop already closed: the server had stopped
+                pass
         thread.join(timeout_s)
+        if thread.is_alive():
+            raise RuntimeError(f"libero-eval serve did not stop within {timeout_s:g} s")
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -258,8 +276,11 @@ def build(args: argparse.Namespace) -> tuple[SweepConfig, PolicyVariant, ServeOp
     overrides = list(args.overrides)
     if args.config and "=" in args.config and not os.path.exists(args.config):  # no config, only overrides
         args.config, overrides = None, [args.config, *overrides]
-    if args.checkpoint or not args.config:
-        overrides += ["model.kind=checkpoint", f"model.checkpoint={args.checkpoint or SHIPPED_CHECKPOINT}"]
+    user_model = any(o.startswith(("model.kind=", "model.checkpoint=")) for o in overrides)
+    if args.checkpoint:
+        overrides += ["model.kind=checkpoint", f"model.checkpoint={args.checkpoint}"]
+    elif not args.config and not user_model:  # the default: the shipped small Pi0.5 (overrides still win)
+        overrides = ["model.kind=checkpoint", f"model.checkpoint={SHIPPED_CHECKPOINT}", *overrides]
     if args.policy:
         overrides.append(f"policies=[{json.dumps(_policy_entry(args.policy))}]")  # a YAML flow mapping
     config = load_config(args.config, overrides)
@@ -332,11 +353,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     try:
         config, variant, options = build(args)
-    except (ConfigError, ValueError) as exc:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        server = make_server(config, variant, options)  # loads the model: a bad checkpoint fails here
+    except (ConfigError, ValueError, OSError, PolicyError) as exc:
         return fail("serve", exc)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    server = make_server(config, variant, options)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -112,6 +112,9 @@ def init_ray(config: SweepConfig) -> None:
     env_vars.setdefault("MUJOCO_GL", "egl")
     env_vars.setdefault("PYOPENGL_PLATFORM", "egl")
     env_vars.update({"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "LP_NUM_THREADS": "1"})
+    key_env = config.model.api_key_env  # an openpi server's key: the policy actor connects, wherever it runs
+    if key_env and key_env in os.environ:
+        env_vars[key_env] = os.environ[key_env]
     r = config.ray
     if r.address:
         ray.init(address=r.address, runtime_env={"env_vars": env_vars}, log_to_driver=False)

@@ -43,7 +43,7 @@ MAX_FRAME_ROWS = 200_000  # wandb.Table's own row limit
 FRAME_COLUMNS = ["episode", "suite", "task_id", "trial", "episode_success", "frame", "env_step", "decision",
                  "reason", "cost_ms", "delay_steps", "fallback_actions", "shadow_cos"]
 EPISODE_IDS = ("episode/key", "episode/suite", "episode/reason", "episode/task_id", "episode/trial", "episode/error")
-_SECRET_NAME = re.compile(r"api[_-]?key|token|secret|password|credential", re.IGNORECASE)
+SECRET_NAME = re.compile(r"api[_-]?key|token|secret|password|credential", re.IGNORECASE)
 
 
 class Tracker:
@@ -133,7 +133,7 @@ def flat_config(sweep: SweepInfo, label: str) -> dict[str, Any]:
     flat.update(flatten({k: v for k, v in sweep.config.items() if k not in ("policies", "wandb", "name")}))
     if "wandb" in sweep.config:
         flat["wandb.videos"] = sweep.config["wandb"].get("videos")
-    dropped = sorted(k for k in flat if _SECRET_NAME.search(k))
+    dropped = sorted(k for k in flat if SECRET_NAME.search(k))
     if dropped:
         log.warning("not logging config keys that look secret: %s", dropped)
     return {k: v for k, v in flat.items() if k not in dropped}

@@ -90,3 +90,20 @@ def test_bad_comparisons_are_refused(two_runs, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["report", str(run_a), str(run_a), str(run_a)]) == 2
     assert "one run directory, or two to compare" in capsys.readouterr().err
+
+
+def test_partly_overlapping_runs_say_who_is_without_a_partner(two_runs, tmp_path):
+    """B holds task 0 of the baseline only: the cached policy is "only in A", the baseline's unpaired
+    episodes are counted on A's side, and the default output folder sits beside B, never inside it."""
+    run_a, _ = two_runs
+    run_b = tmp_path / "task0"
+    _, results = make_run_dir(run_b, store=False)
+    for r in results:
+        if r.policy_label == BASELINE and r.task_id == 0:
+            ResultStore(run_b).append(r)
+    rows = {r["policy"]: r for r in compare_runs(run_a, run_b).rows}
+    assert rows[CACHED]["in"] == "A only" and rows[CACHED]["flags"] == ["only in A"]
+    assert rows[BASELINE]["pairs"] == TRIALS and f"without a partner: {TRIALS} in A, 0 in B" in rows[BASELINE]["flags"]
+    assert main(["report", str(run_a), str(run_b)]) == 0
+    assert (tmp_path / f"compare_{run_a.name}_vs_task0" / "compare.html").is_file()
+    assert main(["report", str(run_a), "--out", str(tmp_path / "x")]) == 2  # --out belongs to a comparison

@@ -112,6 +112,13 @@ def _raw(port: int, message, api_key: str | None = None):
         return ws.recv()
 
 
+def _healthz(port: int) -> str:
+    import urllib.request  # a plain HTTP GET: this check only
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
+        return reply.read().decode().strip()
+
+
 def _array(dtype: str, shape: list, data: bytes) -> dict:
     return {b"__ndarray__": True, b"data": data, b"dtype": dtype, b"shape": shape}
 
@@ -135,12 +142,21 @@ def test_malformed_messages_get_an_error_naming_the_problem_and_the_server_goes_
                        "observation/state": _array("<f4", [8], b"\0" * 31)}, default=msgpack_numpy.pack_array):
             "needs 32 bytes, got 31",
         packed({**good, "observation/state": np.full(8, np.nan, np.float32)}): "expected 8 finite numbers",
-        packed({**good, "padding": np.zeros(2 << 20, np.uint8)}): "exceeds this server's cap of 1048576 bytes",
+        packed({**good, "padding": np.zeros(3 << 19, np.uint8)}): "exceeds this server's cap of 1048576 bytes",
+        packed({**good, "state": {b"__npgeneric__": True, b"data": 300, b"dtype": "|u1"}}):
+            "300 does not fit a numpy scalar of dtype |u1",
+        msgpack.packb({**{k: v for k, v in good.items() if k != "observation/state"},
+                       "observation/state": _array("<f4", [1, 1, 1, 1, 8], b"\0" * 32)}, default=msgpack_numpy.pack_array):
+            "at most 4 ints",
     }
     with serving_in_thread(server) as port:
         for message, expected in cases.items():
             reply = _raw(port, message)
             assert isinstance(reply, str) and expected in reply, (expected, reply)
+        # far over the cap (more than 1 MiB): websockets closes the connection, naming the reason
+        with pytest.raises(websockets.exceptions.ConnectionClosedError, match="1009 \\(message too big\\)"):
+            _raw(port, packed({**good, "padding": np.zeros(3 << 20, np.uint8)}))
+        assert _healthz(port) == "OK"
         # one connection keeps working after an error; openpi's client raises the error text
         client = WebsocketClientPolicy(host="127.0.0.1", port=port)
         with pytest.raises(RuntimeError, match="missing key"):

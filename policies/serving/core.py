@@ -43,8 +43,10 @@ WARMUP_CLOCK = RealtimeClock(LatencyProfile("warmup", 0.0, 0.0, 0.0, vjp_eval_ms
 def warm_up(engine: Engine, variants: list[PolicyVariant]) -> float:
     """One throw-away inference per variant before the first real request, so that first-call costs
     (allocator, kernel selection, lazy init) are not billed to whichever variant happens to run first.
-    Returns the milliseconds it took."""
+    Returns the milliseconds it took; nothing for an engine whose model is elsewhere (needs_warm_up False)."""
     t0 = time.perf_counter()
+    if not getattr(engine, "needs_warm_up", True):
+        return 0.0
     for variant in variants:
         session = f"__warmup__/{variant.label}"
         rtc = variant.execution.execution == "rtc"  # two queries: the second one guided

@@ -46,6 +46,7 @@ class ModelConfig:
     # openpi_server: a policy served over openpi's websocket protocol (openpi's serve_policy.py, libero-eval serve)
     url: str | None = None  # ws://host:port
     api_key_env: str | None = None  # the environment variable holding its API key (never the key itself)
+    timeout_s: float = 300.0  # a request unanswered this long is an infrastructure failure (retried)
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
@@ -116,7 +117,7 @@ def make_engine(model: ModelConfig, variants: list[PolicyVariant], shadow: bool 
     if all(v.model_free for v in variants):
         return Engine()
     if model.kind == "openpi_server":
-        return OpenpiServerEngine(model.url, model.api_key_env)
+        return OpenpiServerEngine(model.url, model.api_key_env, model.timeout_s)
     loaded = load_model(model)
     backend = make_backend(loaded.model, model.backend_options())
     label = loaded.label if backend.name == "eager" else f"{loaded.label}@{backend.name}"

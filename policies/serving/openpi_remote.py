@@ -37,7 +37,11 @@ from policies.serving.latency import RealtimeClock
 from policies.serving.variants import PolicyVariant
 
 OPENPI_KEYS = (IMAGE_KEY, WRIST_IMAGE_KEY, STATE_KEY, PROMPT_KEY)
-EPISODE_KEY, SEED_KEY, REPLY_KEY = "libero_eval/episode", "libero_eval/seed", "libero_eval"  # libero_eval/openpi_wire.py
+# Optional request keys a libero-eval server reads, and its reply's record key (libero_eval/openpi_wire.py)
+EPISODE_KEY = "libero_eval/episode"  # str or int: a new value starts a new session (a new episode)
+SEED_KEY = "libero_eval/seed"  # int >= 0: that episode's paired seed (noise stream)
+REPLY_KEY = "libero_eval"  # in replies: the frame's record (decision, reason, signals, cost); clients ignore it
+SERVER_ERROR = "Error in inference server"  # how openpi-client raises a server's text reply (RuntimeError)
 # a foreign server's frame, for a named profile to price: Pi0.5's three camera slots, the whole prefix, 10 steps
 FULL_FRAME_COMPUTE = {"vision_images": 3, "prefix_token_layers": 1, "prefix_token_layers_full": 1, "velocity_evals": 10}
 
@@ -47,13 +51,35 @@ class ServerUnavailable(SessionLost):
     retried), unlike an error the server answers (a PolicyError: the episode's outcome)."""
 
 
+def connect(url: str, api_key_env: str | None = None):
+    """An openpi-client connection (it receives the server's metadata on connect); ServerUnavailable if the
+    server cannot be reached or refuses us (e.g. a 401 for a wrong key)."""
+    # openpi-client: only sweeps against a served policy load it
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    api_key = os.environ.get(api_key_env) if api_key_env else None
+    if api_key_env and not api_key:
+        raise PolicyError(f"model.api_key_env: the environment variable {api_key_env} is not set")
+    try:
+        return WebsocketClientPolicy(host=url, api_key=api_key)
+    except Exception as exc:  # refused, unreachable, a 401 (wrong key): the server is not usable
+        raise ServerUnavailable(f"cannot connect to the openpi server at {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def disconnect(client) -> None:
+    try:
+        client._ws.close()  # openpi-client keeps its connection private and has no close()
+    except Exception:
+        pass
+
+
 def server_metadata(url: str, api_key_env: str | None = None) -> dict[str, Any]:
     """Connect once and return the server's metadata (what it serves); ServerUnavailable if it cannot."""
-    client = OpenpiServerEngine(url, api_key_env, max_concurrency=1)._connect()
+    client = connect(url, api_key_env)
     try:
         return dict(client.get_server_metadata() or {})
     finally:
-        client._ws.close()  # openpi-client keeps its connection private and has no close()
+        disconnect(client)
 
 
 def describe_server(metadata: dict[str, Any]) -> str:
@@ -76,28 +102,19 @@ class RemoteSession:
 
 
 class OpenpiServerEngine(Engine):
-    def __init__(self, url: str, api_key_env: str | None = None, max_concurrency: int = 16):
+    needs_warm_up = False  # the model is the server's: nothing here to warm, and no request sent for it
+
+    def __init__(self, url: str, api_key_env: str | None = None, timeout_s: float = 300.0,
+                 max_concurrency: int = 16):
         super().__init__()
         self.url = url
         self.api_key_env = api_key_env
+        self.timeout_s = timeout_s
         self.label = f"openpi_server:{url}"
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="openpi-client")
 
-    def _connect(self):
-        # openpi-client: only sweeps against a served policy load it
-        from openpi_client.websocket_client_policy import WebsocketClientPolicy
-
-        api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if self.api_key_env and not api_key:
-            raise PolicyError(f"model.api_key_env: the environment variable {self.api_key_env} is not set")
-        try:
-            return WebsocketClientPolicy(host=self.url, api_key=api_key)
-        except Exception as exc:  # refused, unreachable, a 401 (wrong key): the server is not usable
-            raise ServerUnavailable(f"cannot connect to the openpi server at {self.url}: {type(exc).__name__}: {exc}"
-                                    ) from exc
-
     def _open_model(self, variant: PolicyVariant, seed: int, clock: RealtimeClock | None = None) -> Any:
-        return RemoteSession(seed, self._connect())
+        return RemoteSession(seed, connect(self.url, self.api_key_env))
 
     def open(self, session_id: str, variant: PolicyVariant, seed: int, clock: RealtimeClock | None = None) -> None:
         super().open(session_id, variant, seed, clock)
@@ -106,10 +123,7 @@ class OpenpiServerEngine(Engine):
     def close(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)
         if isinstance(session, RemoteSession):
-            try:
-                session.client._ws.close()  # openpi-client keeps its connection private and has no close()
-            except Exception:
-                pass
+            disconnect(session.client)
 
     def _request(self, session: RemoteSession, observation: dict[str, Any]) -> dict[str, Any]:
         sent = {k: observation[k] for k in OPENPI_KEYS if k in observation}
@@ -133,9 +147,11 @@ class OpenpiServerEngine(Engine):
             theirs = reply[REPLY_KEY]
             latency = {**theirs.get("latency_ms", {}), "server_total": theirs.get("latency_ms", {}).get("total"),
                        "total": round_trip}
+            extra = dict(theirs.get("extra") or {})
+            served_in = {k: extra.pop(k) for k in ("batch_size", "queue_wait_ms") if k in extra}  # the server's batch
             record = InferenceRecord(theirs.get("index", session.index), theirs["decision"], theirs["reason"],
                                      dict(theirs.get("signals") or {}), latency,
-                                     {**(theirs.get("extra") or {}), "remote": {**remote, "session": theirs.get("session")}})
+                                     {**extra, "remote": {**remote, "session": theirs.get("session"), **served_in}})
         else:
             record = InferenceRecord(session.index, "full", "remote", {}, {"total": round_trip},
                                      {"compute": dict(FULL_FRAME_COMPUTE), "remote": remote, "remote_noise": True})
@@ -149,12 +165,15 @@ class OpenpiServerEngine(Engine):
         out: list[ActionChunk | BaseException] = []
         for (_, request, session), future in zip(items, futures):
             try:
-                reply = future.result()
-            except RuntimeError as exc:  # openpi-client raises the server's error text as a RuntimeError
-                out.append(PolicyError(f"openpi server {self.url}: {exc}"))
-                continue
-            except Exception as exc:  # the connection dropped (the server died or restarted)
-                out.append(ServerUnavailable(f"openpi server {self.url}: {type(exc).__name__}: {exc}"))
+                reply = future.result(timeout=self.timeout_s)
+            except Exception as exc:
+                if isinstance(exc, RuntimeError) and str(exc).startswith(SERVER_ERROR):  # the server's answer
+                    out.append(PolicyError(f"openpi server {self.url}: {exc}"))
+                    continue
+                # the connection dropped (the server died or restarted) or no answer within timeout_s
+                disconnect(session.client)
+                why = f"no answer within {self.timeout_s:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__
+                out.append(ServerUnavailable(f"openpi server {self.url}: {why}: {exc}"))
                 continue
             try:
                 chunk = self._chunk(session, reply)
