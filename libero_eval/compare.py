@@ -21,7 +21,7 @@ from typing import Any
 from libero_eval import plots, tables
 from libero_eval.plots import overall_rows
 from libero_eval.report import ReportError, RunData, html_table, img_tag, md_table, load_run
-from libero_eval.specs import EpisodeResult
+from libero_eval.specs import EpisodeResult, pair_key
 from libero_eval.sweep_summary import paired
 from libero_eval.tracking import SECRET_NAME, flatten, flush_wandb, open_wandb_run, wandb_env
 
@@ -53,7 +53,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> Comparison:
 
 
 def _outcomes(results: list[EpisodeResult], label: str) -> dict[tuple[str, int, int], EpisodeResult]:
-    return {(r.suite, r.task_id, r.trial): r for r in results if r.policy_label == label and r.status != "error"}
+    return {pair_key(r): r for r in results if r.policy_label == label and r.status != "error"}
 
 
 def _decisions(result: EpisodeResult) -> list[str]:
@@ -116,8 +116,8 @@ def _outcome(r: EpisodeResult | None) -> str:
 def _changed_episodes(a: RunData, b: RunData) -> list[dict[str, Any]]:
     """Paired episodes of shared variants whose outcome, length or decisions differ (errors included)."""
     labels = {r.policy_label for r in a.results} & {r.policy_label for r in b.results}
-    everything_a = {(r.policy_label, r.suite, r.task_id, r.trial): r for r in a.results if r.policy_label in labels}
-    everything_b = {(r.policy_label, r.suite, r.task_id, r.trial): r for r in b.results if r.policy_label in labels}
+    everything_a = {(r.policy_label, *pair_key(r)): r for r in a.results if r.policy_label in labels}
+    everything_b = {(r.policy_label, *pair_key(r)): r for r in b.results if r.policy_label in labels}
     out = []
     for key in sorted(set(everything_a) & set(everything_b)):
         ra, rb = everything_a[key], everything_b[key]
@@ -125,7 +125,8 @@ def _changed_episodes(a: RunData, b: RunData) -> list[dict[str, Any]]:
                                            ("steps", ra.steps != rb.steps),
                                            ("decisions", _decisions(ra) != _decisions(rb))) if differs]
         if what:
-            out.append({"policy": key[0], "suite": key[1], "task_id": key[2], "trial": key[3], "changed": what,
+            out.append({"policy": key[0], "suite": key[1], "task_id": key[2], "trial": key[3], "repeat": key[4],
+                        "changed": what,
                         "a": ra, "b": rb})
     return out
 
@@ -177,7 +178,8 @@ def comparison_table(cmp: Comparison) -> tuple[list[str], list[list[str]]]:
 def episode_table(cmp: Comparison) -> tuple[list[str], list[list[str]]]:
     name_a, name_b = cmp.names
     header = ["policy", "suite", "task", "trial", "changed", name_a, name_b]
-    body = [[e["policy"], e["suite"], str(e["task_id"]), str(e["trial"]), ", ".join(e["changed"]),
+    body = [[e["policy"], e["suite"], str(e["task_id"]), str(e["trial"]) + (f" r{e['repeat']}" if e["repeat"] else ""),
+             ", ".join(e["changed"]),
              _outcome(e["a"]), _outcome(e["b"])] for e in cmp.episodes]
     return header, body
 
@@ -261,7 +263,7 @@ def comparison_json(cmp: Comparison) -> dict[str, Any]:
                                                "decisions_differ")},
                       "a": {k: (r["a"] or {}).get(k) for k in keep} if r["a"] else None,
                       "b": {k: (r["b"] or {}).get(k) for k in keep} if r["b"] else None} for r in cmp.rows],
-            "episodes": [{**{k: e[k] for k in ("policy", "suite", "task_id", "trial", "changed")},
+            "episodes": [{**{k: e[k] for k in ("policy", "suite", "task_id", "trial", "repeat", "changed")},
                           "a": _outcome(e["a"]), "b": _outcome(e["b"])} for e in cmp.episodes],
             "config_diff": [list(d) for d in cmp.config_diff]}
 

@@ -62,6 +62,9 @@ class SweepConfig:
     name: str = "sweep"
     suites: dict[str, Any] = dataclasses.field(default_factory=lambda: {"libero_spatial": [0]})
     trials: Any = 1
+    # repeats of every (task, init state): repeat r has its own env seed and noise stream, the same for every
+    # variant, so repeats stay paired (more pairs than the 10 held-out init states per task)
+    repeats: int = 1
     max_steps: int | None = None
     # how frames are priced (policies/serving/latency.py): calibrated (measured once per run directory on the
     # serving device), measured (the actor's wall time; not deterministic), or a profile in configs/latency/
@@ -100,7 +103,7 @@ class SweepConfig:
 
 # Sections that change what an episode does; the others (ray, wandb) only change how the sweep runs, so a
 # resumed sweep may change them.
-RESULT_SECTIONS = ("suites", "trials", "max_steps", "latency", "policies", "model", "episode", "env")
+RESULT_SECTIONS = ("suites", "trials", "repeats", "max_steps", "latency", "policies", "model", "episode", "env")
 
 
 def execution_defaults(stored: dict[str, Any]) -> dict[str, Any]:
@@ -271,6 +274,8 @@ def validate(config: SweepConfig) -> None:
             raise ConfigError(f"env.seeding: openpi needs openpi's layout of every planned episode; the table "
                               f"(tasks/data/openpi_layouts.json) lacks {len(gaps)}: {shown}. Build them with "
                               f"`libero-eval layout-table --suites {gaps[0][0]}` or set env.seeding: per_episode")
+    if isinstance(config.repeats, bool) or not isinstance(config.repeats, int) or config.repeats < 1:
+        raise ConfigError(f"repeats: expected a positive integer (episodes per task and init state), got {config.repeats!r}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ConfigError(f"max_steps: expected a positive integer or null, got {config.max_steps}")
     if config.model.kind == "checkpoint":

@@ -310,6 +310,7 @@ def run_episode(
         task_id=spec.task_id,
         task_name=task.name,
         trial=spec.trial,
+        repeat=spec.repeat,
         policy_label=spec.policy_label,
         seed=spec.seed,
         status=status,

@@ -23,7 +23,7 @@ import yaml
 from libero_eval import plots
 from libero_eval.config import LEGACY_VALUES, execution_defaults, expand_variants
 from libero_eval.plots import overall_rows
-from libero_eval.specs import EpisodeResult
+from libero_eval.specs import EpisodeResult, pair_key
 from libero_eval.stats import wilson_interval
 from libero_eval.store import RESULTS_FILE, ResultStore
 from libero_eval.sweep_summary import REUSE_DECISIONS, pick_baseline, pick_baselines, policy_rows
@@ -158,10 +158,11 @@ def _planned(config: dict[str, Any], n_variants: int) -> int | None:
     try:
         tasks = sum(registry.num_tasks(s) if t == "all" else len(t) for s, t in config["suites"].items())
         trials = config["trials"] if isinstance(config["trials"], int) else len(config["trials"])
+        repeats = int(config.get("repeats", 1))
     except (KeyError, TypeError, ValueError) as exc:
         warnings.warn(f"config.yaml: cannot count the planned episodes ({exc})", stacklevel=2)
         return None
-    return tasks * trials * n_variants
+    return tasks * trials * repeats * n_variants
 
 
 TIMELINES_PER_POLICY = 2
@@ -188,15 +189,15 @@ def pick_timelines(data: RunData, which: int | str | list[str] = TIMELINES_PER_P
                               "(LABEL/SUITE/taskNN/trialNN, as in the episode table)")
         return [by_key[k] for k in which]
     by_label: dict[str, list[EpisodeResult]] = defaultdict(list)
-    for r in sorted(data.results, key=lambda r: (r.suite, r.task_id, r.trial)):
+    for r in sorted(data.results, key=pair_key):
         if worth_a_timeline(r):
             by_label[r.policy_label].append(r)
     chosen = []
     for label in sorted(by_label, key=lambda l: (l != data.baseline, l)):
         base_label = data.baselines.get(label, data.baseline)
-        base = {(r.suite, r.task_id, r.trial): r.success for r in data.results if r.policy_label == base_label}
+        base = {pair_key(r): r.success for r in data.results if r.policy_label == base_label}
         episodes = by_label[label]
-        lost = [r for r in episodes if not r.success and base.get((r.suite, r.task_id, r.trial))]
+        lost = [r for r in episodes if not r.success and base.get(pair_key(r))]
         ranked = lost + [r for r in episodes if r not in lost]
         chosen.extend(ranked if which == "all" else ranked[:which])
     return chosen
@@ -307,10 +308,11 @@ def episode_table(data: RunData) -> tuple[list[str], list[list[str]]]:
     header = ["policy", "suite", "task", "trial", "outcome", "steps", "wall s", "frames", "reuse",
               "latency ms (mean/p95)", "shadow cos", "video"]
     body = []
-    for r in sorted(data.results, key=lambda r: (r.policy_label, r.suite, r.task_id, r.trial)):
+    for r in sorted(data.results, key=lambda r: (r.policy_label, *pair_key(r))):
         m = episode_metrics(r)
         outcome = "success" if r.success else f"{r.status}: {r.reason}"
-        body.append([r.policy_label, r.suite, str(r.task_id), str(r.trial), outcome, str(r.steps),
+        body.append([r.policy_label, r.suite, str(r.task_id), f"{r.trial}" + (f" r{r.repeat}" if r.repeat else ""),
+                     outcome, str(r.steps),
                      _num(r.wall_s), str(m["frames"]), _pct(m["reuse_rate"]),
                      f"{_num(m['latency_mean_ms'])} / {_num(m['latency_p95_ms'])}", _num(m["shadow_cos_mean"], ".3f"),
                      r.video or ""])

@@ -16,19 +16,32 @@ class EpisodeSpec:
     trial: int  # index of the init state, 0..49
     policy_label: str  # names the policy variant (cache policy + parameters) in results, videos, W&B
     max_steps: int  # policy actions, settle steps not counted
+    repeat: int = 0  # repeat r of this (task, init state): its own env seed and noise stream, the same for every variant
 
     @property
     def seed(self) -> int:
-        return episode_seed(self.suite, self.task_id, self.trial)
+        return episode_seed(self.suite, self.task_id, self.trial, self.repeat)
 
     @property
     def key(self) -> str:
-        """Unique per (policy variant, suite, task, trial): the result store's primary key."""
-        return f"{self.policy_label}/{self.suite}/task{self.task_id:02d}/trial{self.trial:02d}"
+        """Unique per (policy variant, suite, task, trial, repeat): the result store's primary key (repeat 0
+        is not spelled out, so run directories from before repeats keep their keys)."""
+        return f"{self.policy_label}/{self.suite}/task{self.task_id:02d}/trial{self.trial:02d}" + repeat_suffix(self.repeat, "/")
 
     @property
     def file_stem(self) -> str:
-        return f"{self.policy_label}__{self.suite}__task{self.task_id:02d}__trial{self.trial:02d}"
+        return (f"{self.policy_label}__{self.suite}__task{self.task_id:02d}__trial{self.trial:02d}"
+                + repeat_suffix(self.repeat, "__"))
+
+
+def repeat_suffix(repeat: int, sep: str) -> str:
+    return f"{sep}rep{repeat}" if repeat else ""
+
+
+def pair_key(result) -> tuple[str, int, int, int]:
+    """What pairs episodes across variants (and runs): the same task, init state and repeat, so the same
+    scene and the same noise stream."""
+    return result.suite, result.task_id, result.trial, getattr(result, "repeat", 0)
 
 
 @dataclasses.dataclass
@@ -53,6 +66,7 @@ class EpisodeResult:
     policy: dict[str, Any] = dataclasses.field(default_factory=dict)
     attempt: int = 1
     finished_at: str = ""
+    repeat: int = 0  # EpisodeSpec.repeat (absent in results from before repeats: 0)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

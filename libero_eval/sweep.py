@@ -39,15 +39,16 @@ log = logging.getLogger("libero_eval")
 
 
 def plan_episodes(config: SweepConfig) -> list[EpisodeSpec]:
-    """suites/tasks x trials x variants. Order: by task, then trial, then variant (so the variants of one
-    (task, trial) pair run close together and a worker keeps its env)."""
+    """suites/tasks x trials x repeats x variants. Order: by task, then trial and repeat, then variant (so
+    the variants of one pair run close together and a worker keeps its env)."""
     labels = [v.label for v in config.variants()]
     specs = []
     for suite, task_id in config.task_list():
         max_steps = config.max_steps or registry.MAX_STEPS[suite]
         for trial in config.trial_list():
-            for label in labels:
-                specs.append(EpisodeSpec(suite, task_id, trial, label, max_steps))
+            for repeat in range(config.repeats):
+                for label in labels:
+                    specs.append(EpisodeSpec(suite, task_id, trial, label, max_steps, repeat))
     return specs
 
 
@@ -353,7 +354,7 @@ def _now() -> str:
 
 def _infra_error(spec: EpisodeSpec, reason: str, exc: BaseException, attempt: int) -> EpisodeResult:
     return EpisodeResult(
-        key=spec.key, suite=spec.suite, task_id=spec.task_id, task_name="", trial=spec.trial,
+        key=spec.key, suite=spec.suite, task_id=spec.task_id, task_name="", trial=spec.trial, repeat=spec.repeat,
         policy_label=spec.policy_label, seed=spec.seed, status="error", success=False, reason=reason, steps=0,
         wall_s=0.0, error=f"{type(exc).__name__}: {exc}", attempt=attempt, finished_at=_now(),
     )

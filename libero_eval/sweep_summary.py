@@ -15,7 +15,7 @@ from statistics import mean
 from typing import Any
 
 from libero_eval import tables
-from libero_eval.specs import EpisodeResult
+from libero_eval.specs import EpisodeResult, pair_key
 from libero_eval.stats import detectable_difference, mcnemar_exact, wilson_interval
 from policies.serving.variants import RTCSettings
 
@@ -34,7 +34,7 @@ def policy_rows(results: list[EpisodeResult], baseline: str | dict[str, str | No
     rows = []
     for label in labels:
         base = base_of.get(label)
-        base_by_pair = {(r.suite, r.task_id, r.trial): r.success for r in scored if r.policy_label == base}
+        base_by_pair = {pair_key(r): r.success for r in scored if r.policy_label == base}
         mine = [r for r in results if r.policy_label == label]
         suites = sorted({r.suite for r in mine})
         for suite in [*suites, "ALL"] if len(suites) > 1 else suites:
@@ -79,13 +79,13 @@ def policy_rows(results: list[EpisodeResult], baseline: str | dict[str, str | No
                 "rtc_frozen_dev": _mean_signal(records, "rtc_frozen_dev"),
             }
             if base is not None and label != base:
-                row.update(paired(base_by_pair, {(r.suite, r.task_id, r.trial): r.success for r in ok}))
+                row.update(paired(base_by_pair, {pair_key(r): r.success for r in ok}))
             rows.append(row)
     return rows
 
 
 def paired(first: dict, second: dict) -> dict[str, Any]:
-    """`second` against `first` ({(suite, task, trial): success}) on the episodes both have: the discordant
+    """`second` against `first` ({pair_key: success}) on the episodes both have: the discordant
     pairs (only `first` / only `second` succeeded), the exact McNemar p and the smallest success difference
     those pairs could detect (stats.detectable_difference)."""
     keys = set(first) & set(second)

@@ -42,7 +42,8 @@ LOGGED_MARKER = "logged.json"  # under <run_dir>/wandb: labels whose runs finish
 MAX_FRAME_ROWS = 200_000  # wandb.Table's own row limit
 FRAME_COLUMNS = ["episode", "suite", "task_id", "trial", "episode_success", "frame", "env_step", "decision",
                  "reason", "cost_ms", "delay_steps", "fallback_actions", "shadow_cos"]
-EPISODE_IDS = ("episode/key", "episode/suite", "episode/reason", "episode/task_id", "episode/trial", "episode/error")
+EPISODE_IDS = ("episode/key", "episode/suite", "episode/reason", "episode/task_id", "episode/trial", "episode/repeat",
+               "episode/error")
 SECRET_NAME = re.compile(r"api[_-]?key|token|secret|password|credential", re.IGNORECASE)
 
 
@@ -316,7 +317,8 @@ class WandbTracker(Tracker):
             "episode": len(self._logged[label]),
             "episode/success": int(result.success), "episode/error": int(result.status == "error"),
             "episode/steps": result.steps, "episode/wall_s": result.wall_s, "episode/task_id": result.task_id,
-            "episode/trial": result.trial, "episode/key": result.key, "episode/suite": result.suite,
+            "episode/trial": result.trial, "episode/repeat": result.repeat, "episode/key": result.key,
+            "episode/suite": result.suite,
             "episode/reason": result.reason,
         }
         row.update({f"episode/{k}": v for k, v in episode_metrics(result).items() if v is not None})

@@ -123,3 +123,33 @@ def test_sections_are_the_components_own_typed_configs():
     (variant,) = config.variants()
     assert variant.policy.window == 3 and variant.denoise == DenoiseSettings(num_steps=5)
     assert variant.needs_images and not variant.needs_privileged
+
+
+def test_repeats_are_paired_across_variants_and_repeat_zero_keeps_todays_seeds():
+    """Repeat r of a (task, init state) has its own seed (env and noise), the same for every variant;
+    repeat 0 keeps the seed and key episodes had before repeats existed; pairs count repeats apart."""
+    from libero_eval.seeding import episode_seed  # the seed and pairing helpers: this test only
+    from libero_eval.specs import EpisodeResult
+    from libero_eval.sweep import plan_episodes
+    from libero_eval.sweep_summary import policy_rows
+
+    config = load_config(None, ["suites={libero_spatial: [0]}", "trials=[40, 41]", "repeats=2", "model.kind=tiny",
+                                "policies=[{name: none}, {name: fixed_window, window: 2}]"])
+    specs = plan_episodes(config)
+    assert len(specs) == 2 * 2 * 2
+    by = {(s.policy_label, s.trial, s.repeat): s for s in specs}
+    for trial in (40, 41):
+        r0, r1 = by[("none", trial, 0)], by[("none", trial, 1)]
+        assert r0.seed == episode_seed("libero_spatial", 0, trial) and r0.key == f"none/libero_spatial/task00/trial{trial}"
+        assert r1.seed != r0.seed and r1.key.endswith("/rep1") and r1.file_stem.endswith("__rep1")
+        for repeat in (0, 1):  # the same seed for every variant: paired
+            assert by[("fixed_window_window2", trial, repeat)].seed == by[("none", trial, repeat)].seed
+    results = [EpisodeResult(key=s.key, suite=s.suite, task_id=s.task_id, task_name="", trial=s.trial, repeat=s.repeat,
+                             policy_label=s.policy_label, seed=s.seed, status="success" if s.repeat else "failure",
+                             success=bool(s.repeat), reason="done" if s.repeat else "max_steps", steps=1, wall_s=0.0,
+                             policy={"name": s.policy_label.split("_window")[0]})
+               for s in specs if not (s.policy_label != "none" and s.repeat == 1)]
+    rows = {r["policy"]: r for r in policy_rows(results, "none")}
+    assert rows["fixed_window_window2"]["pairs"] == 2  # repeat 1 has no partner: pairs are by repeat too
+    with pytest.raises(ConfigError, match="repeats: expected a positive integer"):
+        load_config(None, ["repeats=0"])
