@@ -23,7 +23,8 @@ import torch
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
 from libero_eval.config import load_config
-from libero_eval.serve import SHIPPED_CHECKPOINT, ServeOptions, _policy_entry, make_server, serving_in_thread
+from libero_eval.config import parse_policy_entry
+from libero_eval.serve import SHIPPED_CHECKPOINT, ServeOptions, make_server, serving_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def main() -> int:
     args = parser.parse_args()
     overrides = ["model.kind=tiny"] if args.model == "tiny" else ["model.kind=checkpoint",
                                                                   f"model.checkpoint={SHIPPED_CHECKPOINT}"]
-    config = load_config(None, [*overrides, f"policies=[{json.dumps(_policy_entry(args.policy))}]"])
+    config = load_config(None, [*overrides, f"policies=[{json.dumps(parse_policy_entry(args.policy))}]"])
     (variant,) = config.variants()
     server = make_server(config, variant, ServeOptions(port=0))
     latencies: list[list[float]] = [[] for _ in range(args.clients)]

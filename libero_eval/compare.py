@@ -277,7 +277,7 @@ def log_comparison(cmp: Comparison, out_dir: str | Path, mode: str = "offline", 
     name_a, name_b = cmp.names
     name = f"compare-{name_a}-vs-{name_b}".replace(":", "_").replace("/", "_")
     config = {"run_a": str(cmp.a.run_dir.resolve()), "run_b": str(cmp.b.run_dir.resolve()),
-              **{f"config_diff.{k}": f"{va} -> {vb}" for k, va, vb in cmp.config_diff if not SECRET_NAME.search(k)}}
+              **{f"config_diff.{k}": f"{va} -> {vb}" for k, va, vb in cmp.config_diff if not SECRET_NAME.search(k) or k.endswith("_env")}}
     with wandb_env(out_dir, mode):
         run = open_wandb_run(mode, out_dir, project=project, job_type="compare", name=name, config=config,
                              tags=["compare"])

@@ -113,6 +113,19 @@ def execution_defaults(stored: dict[str, Any]) -> dict[str, Any]:
             "fallback": episode.get("fallback", "hold"), "execution": episode.get("execution", "naive")}
 
 
+def parse_policy_entry(text: str, flag: str = "--policy") -> dict[str, Any]:
+    """'fixed_window:window=3,num_steps=5' -> {'name': 'fixed_window', 'window': 3, 'num_steps': 5}; values
+    parsed as YAML, as a sweep override's are."""
+    name, _, rest = text.partition(":")
+    entry: dict[str, Any] = {"name": name.strip()}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"{flag} {text!r}: expected NAME:key=value,key=value, got {item!r}")
+        entry[key.strip()] = yaml.safe_load(value)
+    return entry
+
+
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"

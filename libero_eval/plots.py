@@ -19,7 +19,7 @@ HIGHLIGHT_COLOUR = "#d0403a"
 BAR_COLOUR = "#3a78b8"
 
 
-def _png(fig: Figure) -> bytes:
+def to_png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -61,7 +61,7 @@ def success_by_policy(rows: list[dict[str, Any]], baseline: str | None = None,
     ax.set_ylabel("success rate (95% Wilson)")
     ax.set_title("Success rate per cache policy")
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return to_png(fig)
 
 
 def success_a_vs_b(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], name_a: str, name_b: str) -> bytes:
@@ -85,7 +85,7 @@ def success_a_vs_b(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], n
     ax.set_title("Success per variant, A vs B")
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return to_png(fig)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -103,7 +103,7 @@ def success_vs_speedup(rows: list[dict[str, Any]], highlight: str | None = None)
         ax.text(0.5, 0.5, "no speedup: the sweep has no baseline (policy 'none') with modelled costs",
                 ha="center", va="center", transform=ax.transAxes, fontsize=9)
         ax.set_axis_off()
-        return _png(fig)
+        return to_png(fig)
     for r in data:
         rate = r["success_rate"] or 0.0
         colour = HIGHLIGHT_COLOUR if r["policy"] == highlight else BAR_COLOUR
@@ -119,7 +119,7 @@ def success_vs_speedup(rows: list[dict[str, Any]], highlight: str | None = None)
     ax.set_title("Success vs speedup")
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return to_png(fig)
 
 
 def varying_signals(records: list[dict[str, Any]]) -> list[str]:
@@ -192,7 +192,7 @@ def timeline(result, max_signals: int = 4) -> bytes | None:
     outcome = "success" if result.success else f"{result.status} ({result.reason})"
     axes[0].set_title(f"{result.policy_label} | {result.suite} task {result.task_id} trial {result.trial} | {outcome}",
                       fontsize=9)
-    return _png(fig)
+    return to_png(fig)
 
 
 def success_vs_latency(rows: list[dict[str, Any]], highlight: str | None = None) -> bytes:
@@ -206,7 +206,7 @@ def success_vs_latency(rows: list[dict[str, Any]], highlight: str | None = None)
         axes[0].text(0.5, 0.5, "no modelled latency: the records carry no cost_ms", ha="center", va="center",
                      transform=axes[0].transAxes, fontsize=9)
         axes[0].set_axis_off()
-        return _png(fig)
+        return to_png(fig)
     for ax, model in zip(axes, models):
         mine = [r for r in data if (r.get("latency") or "?") == model]
         for r in mine:
@@ -226,7 +226,7 @@ def success_vs_latency(rows: list[dict[str, Any]], highlight: str | None = None)
         ax.plot([], [], "o", color=BAR_COLOUR, mfc="white", label="realtime (hollow)")
         ax.legend(fontsize=8, loc="lower left")
         ax.grid(alpha=0.3)
-    return _png(fig)
+    return to_png(fig)
 
 
 MODES = ("sync", "naive", "rtc")  # how a variant executes: sync, realtime naive, realtime RTC
@@ -271,5 +271,5 @@ def sync_vs_realtime(rows: list[dict[str, Any]]) -> bytes | None:
     ax.set_title("Sync vs realtime (naive, RTC), per variant")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return to_png(fig)
 

@@ -26,8 +26,8 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from libero_eval import tables
-from libero_eval.config import ConfigError, expand_variants
+from libero_eval import calibrate, tables
+from libero_eval.config import ConfigError, expand_variants, parse_policy_entry
 from libero_eval.observations import OBSERVATIONS_DIR, Sequence, load_sequence
 from libero_eval.sweep_summary import REUSE_DECISIONS
 from policies.base import PolicyError
@@ -180,18 +180,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 # ---- command line
 
 
-def parse_policy(text: str) -> dict[str, Any]:
-    """'fixed_window:window=3,num_steps=5' -> {'name': 'fixed_window', 'window': 3, 'num_steps': 5}."""
-    name, _, rest = text.partition(":")
-    entry: dict[str, Any] = {"name": name.strip()}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"--policy {text!r}: expected name:key=value,key=value, got {item!r}")
-        entry[key.strip()] = yaml.safe_load(value)
-    return entry
-
-
 def policy_entries(files: list[str], inline: list[str]) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     for file in files:
@@ -200,7 +188,7 @@ def policy_entries(files: list[str], inline: list[str]) -> list[dict[str, Any]]:
         if not isinstance(data, list):
             raise ValueError(f"{file}: expected a list of policies or a config with a 'policies' list")
         entries.extend(data)
-    entries.extend(parse_policy(text) for text in inline)
+    entries.extend(parse_policy_entry(text) for text in inline)
     return entries
 
 
@@ -229,6 +217,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=8, help="requests per engine call (default 8)")
     parser.add_argument("--max-frames", type=int, default=None, help="replay only the first N frames per sequence")
     parser.add_argument("--out", default=None, help="output directory (default <run_dir>/replay)")
+    parser.add_argument("--calibrate", default=None, metavar="PARAM=V1,V2,...",
+                        help="replay the one --policy at each value of one threshold (e.g. pixel_mae=4,5,6,6.5,7): "
+                             "reuse and fidelity per value -> calibration.json / .png")
+    parser.add_argument("--target-reuse", type=float, default=None, metavar="R",
+                        help="with --calibrate: propose the value whose reuse rate comes closest to R (0..1)")
     return parser
 
 
@@ -252,6 +245,10 @@ def run(args: argparse.Namespace) -> int:
         if not entries:  # the sweep's own variants, so the report pairs labels with closed-loop results
             entries = [e for e in stored.get("policies", []) if e.get("name") not in MODEL_FREE
                        and "rtc" not in str(e.get("execution", ""))] or DEFAULT_POLICIES  # (no clock offline)
+        calibration = None
+        if args.calibrate is not None or args.target_reuse is not None:
+            calibration = _calibration_entries(args, entries)
+            entries = calibration[2]
         variants = expand_variants(entries)
         for v in variants:
             if v.model_free:
@@ -300,5 +297,30 @@ def run(args: argparse.Namespace) -> int:
             for record in records[v.label]:
                 f.write(json.dumps({"policy": v.label, **record}) + "\n")
     print(format_table(summary["policies"]))
-    print(f"\n{len(sequences)} sequences x {len(variants)} policies = {total} frames -> {out / SUMMARY_FILE}")
+    print(f"\n{len(sequences)} sequences x {len(served)} policies = {total} frames -> {out / SUMMARY_FILE}")
+    if calibration is not None:
+        param, values, _ = calibration
+        table = calibrate.rows(param, values, summary["policies"])
+        proposal = calibrate.write(out, table, args.target_reuse)
+        print(f"\ncalibration of {param} ({out / calibrate.CALIBRATION_FILE}, {calibrate.CALIBRATION_PLOT}):")
+        print(calibrate.format_rows(table))
+        if proposal is not None:
+            crossing = ("" if proposal["interpolated"] is None
+                        else f"; reuse crosses {args.target_reuse:g} at {param} ~ {proposal['interpolated']:.4g}")
+            print(f"proposed for reuse {args.target_reuse:g}: {param}={proposal['value']:g} (reuse "
+                  f"{proposal['reuse_rate']:.0%}, cosine mean {proposal['cos_mean']:.4f}, p5 {proposal['cos_p5']:.4f})"
+                  + crossing)
     return 0
+
+
+def _calibration_entries(args: argparse.Namespace, entries: list[dict[str, Any]]):
+    """(param, values, the one policy entry swept over the values) for --calibrate; ValueError otherwise."""
+    if args.calibrate is None:
+        raise ValueError("--target-reuse needs --calibrate PARAM=V1,V2,...")
+    if len(entries) != 1:
+        raise ValueError(f"--calibrate sweeps one policy: give exactly one --policy, got {len(entries)}")
+    if args.target_reuse is not None and not 0.0 <= args.target_reuse <= 1.0:
+        raise ValueError(f"--target-reuse: expected a reuse rate in [0, 1], got {args.target_reuse}")
+    param, values = calibrate.parse_calibrate(args.calibrate)
+    values = [int(v) if float(v).is_integer() else v for v in values]
+    return param, values, [{**entries[0], param: values}]

@@ -38,11 +38,10 @@ import numpy as np
 import torch
 import websockets.asyncio.server as ws_server
 import websockets.exceptions
-import yaml
 
 from libero_eval import openpi_wire as wire
 from libero_eval.cli_common import fail
-from libero_eval.config import ConfigError, SweepConfig, load_config
+from libero_eval.config import ConfigError, SweepConfig, load_config, parse_policy_entry
 from policies.base import PROMPT_KEY, STATE_KEY, PolicyError
 from policies.serving.core import ServingCore
 from policies.serving.model import make_engine
@@ -258,19 +257,6 @@ def serving_in_thread(server: PolicyServer, timeout_s: float = 300.0) -> Iterato
 
 # -- the command ------------------------------------------------------------------------------------
 
-def _policy_entry(text: str) -> dict[str, Any]:
-    """--policy fixed_window:window=3,threshold=0.5 -> {"name": "fixed_window", "window": 3, ...}; values
-    parsed as YAML, as a sweep override's are."""
-    name, _, params = text.partition(":")
-    entry: dict[str, Any] = {"name": name.strip()}
-    for part in filter(None, (p.strip() for p in params.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq:
-            raise ConfigError(f"--policy: expected NAME[:key=value,...], got {text!r}")
-        entry[key.strip()] = yaml.safe_load(value)
-    return entry
-
-
 def build(args: argparse.Namespace) -> tuple[SweepConfig, PolicyVariant, ServeOptions]:
     """The config, the one variant served and the server options; ConfigError before anything loads."""
     overrides = list(args.overrides)
@@ -282,7 +268,7 @@ def build(args: argparse.Namespace) -> tuple[SweepConfig, PolicyVariant, ServeOp
     elif not args.config and not user_model:  # the default: the shipped small Pi0.5 (overrides still win)
         overrides = ["model.kind=checkpoint", f"model.checkpoint={SHIPPED_CHECKPOINT}", *overrides]
     if args.policy:
-        overrides.append(f"policies=[{json.dumps(_policy_entry(args.policy))}]")  # a YAML flow mapping
+        overrides.append(f"policies=[{json.dumps(parse_policy_entry(args.policy))}]")  # a YAML flow mapping
     config = load_config(args.config, overrides)
     variants = config.variants()
     if args.variant is not None:

@@ -134,7 +134,7 @@ def flat_config(sweep: SweepInfo, label: str) -> dict[str, Any]:
     flat.update(flatten({k: v for k, v in sweep.config.items() if k not in ("policies", "wandb", "name")}))
     if "wandb" in sweep.config:
         flat["wandb.videos"] = sweep.config["wandb"].get("videos")
-    dropped = sorted(k for k in flat if SECRET_NAME.search(k))
+    dropped = sorted(k for k in flat if SECRET_NAME.search(k) and not k.endswith("_env"))  # *_env: a variable's name
     if dropped:
         log.warning("not logging config keys that look secret: %s", dropped)
     return {k: v for k, v in flat.items() if k not in dropped}

@@ -11,6 +11,7 @@ import pytest
 
 from libero_eval import replay as rp
 from libero_eval import tables
+from libero_eval.config import parse_policy_entry
 from libero_eval.observations import load_sequence, save_observations
 from libero_eval.sweep_summary import format_table as sweep_table
 from policies.base import IMAGE_KEY, STATE_KEY
@@ -81,6 +82,27 @@ def test_signal_distributions_do_not_depend_on_the_thresholds(tmp_path):
     assert strict["signals"] == lax["signals"] and strict["signals_basis"] == "every frame full"
     assert {"weighted_drift_prev", "state_drift_prev", "pixel_drift_prev_cam0"} <= set(strict["signals"])
     assert strict["reuse_rate"] < lax["reuse_rate"] and strict["signals_gated"] != lax["signals_gated"]
+
+
+def test_calibration_replays_one_policy_per_threshold_and_proposes_one(tmp_path, capsys):
+    """`--calibrate pixel_mae=...`: reuse falls as the threshold falls (a lower threshold forces more refreshes),
+    fidelity per value, calibration.json and .png written, and --target-reuse proposes the closest value."""
+    for i in range(2):
+        record(tmp_path, f"ep{i}", 6, seed=40 + i)
+    code = rp.run(parse([str(tmp_path), "--policy", "adaptive:window=4", "--calibrate", "pixel_mae=0,255",
+                         "--target-reuse", "0.6", "--device", "cpu"]))
+    assert code == 0
+    stored = json.loads((tmp_path / "replay" / "calibration.json").read_text())
+    table = stored["rows"]
+    assert [r["value"] for r in table] == [0, 255]
+    assert table[0]["reuse_rate"] == 0.0 and table[0]["cos_min"] == 1.0  # every frame full: the full path
+    assert table[1]["reuse_rate"] == pytest.approx(4 / 6)  # window 4, never forced: frames 1-3 and 5 of 0-5 reused
+    assert stored["proposal"]["value"] == 255 and 0 < stored["proposal"]["interpolated"] < 255
+    assert (tmp_path / "replay" / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "proposed for reuse 0.6: pixel_mae=255" in capsys.readouterr().out
+    assert rp.run(parse([str(tmp_path), "--policy", "adaptive", "--policy", "none", "--calibrate", "pixel_mae=1,2"])) == 2
+    assert rp.run(parse([str(tmp_path), "--policy", "adaptive", "--calibrate", "pixel_mae=1"])) == 2
+    assert rp.run(parse([str(tmp_path), "--policy", "adaptive", "--target-reuse", "0.5"])) == 2
 
 
 def test_format_table_aligns_numbers_right_and_text_left():
@@ -175,7 +197,7 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert rp.run(parse([str(tmp_path), "--policy", "hold"])) == 2
     assert rp.run(parse([str(tmp_path), "--policy", "none:timing=realtime, execution=rtc"])) == 2
     assert "executes rtc: replay serves recorded frames with no realtime clock" in capsys.readouterr().err
-    assert rp.parse_policy("adaptive:window=3, pixel_mae=6.5") == {"name": "adaptive", "window": 3, "pixel_mae": 6.5}
+    assert parse_policy_entry("adaptive:window=3, pixel_mae=6.5") == {"name": "adaptive", "window": 3, "pixel_mae": 6.5}
 
 
 @pytest.mark.slow

@@ -200,7 +200,7 @@ def test_serve_refuses_what_it_cannot_serve():
         build(_args(config="configs/small_heldout.yaml", overrides=[]))
     label = config.variants()[1].label
     assert build(_args(config="configs/small_heldout.yaml", overrides=[], variant=label))[1].label == label
-    with pytest.raises(ConfigError, match="--policy: expected NAME"):
+    with pytest.raises(ConfigError, match="--policy .fixed_window:window.: expected NAME:key=value"):
         build(_args("fixed_window:window"))
     assert ServeOptions().host == "127.0.0.1"
 
