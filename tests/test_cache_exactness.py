@@ -100,3 +100,36 @@ def test_vla_cache_really_computes_fewer_tokens_per_layer(model):
     # a moving square: its patches are not static, so fewer tokens are dropped than on a still frame
     assert moved_frame[0].decision == "partial" and moved_frame[1][1] > partial[1][1]
     assert moved_frame[0].signals["static_ratio"] < partial[0].signals["static_ratio"]
+
+
+def test_attention_is_computed_at_the_one_evaluation_a_policy_reads(model, monkeypatch):
+    """attention_drift reads the last velocity evaluation's maps: only that evaluation computes them (the
+    others run the plain step), the maps equal that evaluation's in an every-evaluation run, and the full
+    frame's actions equal the baseline's bit for bit (maps are computed beside the attention output)."""
+    from policies.pi05 import modeling  # counting the action expert's softmax maps: this test only
+
+    calls = []
+    original = modeling.attention
+
+    def counting(q, k, v, mask, scale, want_probs):
+        calls.append(want_probs)
+        return original(q, k, v, mask, scale, want_probs)
+
+    eng = engine(model)
+    obs = observation(0)
+    monkeypatch.setattr(modeling, "attention", counting)
+    (drift,) = run_session(eng, variant("attention_drift"), [obs], SEED)
+    monkeypatch.setattr(modeling, "attention", original)
+    depth = model.config.action_expert.depth
+    assert sum(calls) == min(4, depth) and len(calls) == depth * model.config.num_steps  # one evaluation's maps
+    (plain,) = run_session(eng, variant("none"), [obs], SEED)
+    assert np.array_equal(drift.actions, plain.actions)
+    inputs, _ = processor(model.config).prepare([obs])
+    prefix = model.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks)
+    prefix_kv = model.compute_prefix_kv(prefix)
+    noise = torch.randn(1, model.config.action_horizon, model.config.action_dim, generator=torch.Generator().manual_seed(1))
+    every = model.denoise(prefix_kv, prefix.pad_mask, noise, return_attention=[depth - 1])
+    one = model.denoise(prefix_kv, prefix.pad_mask, noise, return_attention=[depth - 1], attention_eval=-1)
+    assert len(one.attention) == 1 and len(every.attention) == model.config.num_steps
+    assert torch.equal(one.attention[0][depth - 1], every.attention[-1][depth - 1])
+    assert torch.equal(one.actions, every.actions)

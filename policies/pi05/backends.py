@@ -175,28 +175,39 @@ class Pi05Backend:
         solver: str = "euler",
         return_attention: AttentionLayers = False,
         guidance: Guidance | None = None,
+        attention_eval: int | None = None,
     ) -> DenoiseResult:
         """guidance (real-time chunking, policies/pi05/rtc.py) is never captured in a CUDA graph (its target
-        changes every call); its `model` jacobian differentiates the step: the model's eager one."""
+        changes every call); its `model` jacobian differentiates the step: the model's eager one.
+        attention_eval: the one velocity evaluation whose maps are wanted (Pi05Model.denoise); the others
+        run this backend's plain step."""
         num_steps = self.config.num_steps if num_steps is None else num_steps
         layers = resolve_layers(return_attention, self.config.action_expert.depth)
         if not layers and guidance is None and self.graphs is not None:
             return self.graphs.run(prefix_kv, prefix_mask, noise, num_steps, schedule, solver)
-        return self.denoise_uncaptured(prefix_kv, prefix_mask, noise, num_steps, schedule, solver, layers, guidance)
+        return self.denoise_uncaptured(prefix_kv, prefix_mask, noise, num_steps, schedule, solver, layers, guidance,
+                                       attention_eval)
 
     def denoise_uncaptured(self, prefix_kv: PrefixKV, prefix_mask: Tensor, noise: Tensor, num_steps: int,
                            schedule: str, solver: str, layers: frozenset[int] = frozenset(),
-                           guidance: Guidance | None = None) -> DenoiseResult:
+                           guidance: Guidance | None = None, attention_eval: int | None = None) -> DenoiseResult:
         """The model's sampler loop around this backend's denoising step (what the CUDA graph captures)."""
+        predict_attention = None
         if guidance is not None and guidance.jacobian == "model":
             predict = None
             self._fell_back("rtc_vjp")
+        elif layers and attention_eval is not None:  # maps at one evaluation: the rest on the plain step
+            predict = self.velocity_predictor(prefix_kv, frozenset())
+            predict_attention = self.velocity_predictor(prefix_kv, layers)
+            if predict_attention is None:
+                self._fell_back("denoise_attention_layers")
         else:
             predict = self.velocity_predictor(prefix_kv, layers)
             if predict is None:
                 self._fell_back("denoise_attention_layers")
         return self.model.denoise(prefix_kv, prefix_mask, noise, num_steps, schedule, solver,
-                                  sorted(layers) or False, predict_velocity=predict, guidance=guidance)
+                                  sorted(layers) or False, predict_velocity=predict, guidance=guidance,
+                                  attention_eval=attention_eval, predict_attention=predict_attention)
 
     def sample_actions(self, inputs: Pi05Inputs, noise: Tensor, num_steps: int | None = None,
                        schedule: str = "linear", solver: str = "euler") -> Tensor:

@@ -38,7 +38,7 @@ from policies.pi05.layers import (
 )
 from policies.pi05.partial_prefix import partial_prefix_kv
 from policies.pi05.rtc import Guidance, guided_velocity
-from policies.pi05.sampling import integrate
+from policies.pi05.sampling import EVALUATIONS_PER_STEP, integrate
 from policies.pi05.stages import (
     AttentionCallback,
     AttentionLayers,
@@ -320,6 +320,8 @@ class Pi05Model(nn.Module):
         *,
         predict_velocity: VelocityPredictor | None = None,
         guidance: Guidance | None = None,
+        attention_eval: int | None = None,
+        predict_attention: VelocityPredictor | None = None,
     ) -> DenoiseResult:
         """Flow matching from t = 1 (noise) to t = 0; euler + linear is openpi's sampler bit for bit.
 
@@ -327,6 +329,10 @@ class Pi05Model(nn.Module):
         TensorRT denoising step, policies/pi05/backends.py); the sampler loop stays here.
         guidance: real-time chunking (policies/pi05/rtc.py): every velocity evaluation is guided towards the
         leftover chunk. Its `model` jacobian differentiates the velocity: eager PyTorch only.
+        attention_eval: the one velocity evaluation (negative: from the end) whose maps are returned; the
+        others compute none (`attention` then holds that evaluation only). None: every evaluation's.
+        predict_attention: the step used at that evaluation (default: `predict_velocity`, else the model's).
+        Maps are computed beside the attention output, so asking for them never changes the actions.
         """
         # prefix_mask: [B, Tp] bool; noise: [B, H, A] float32 -> actions [B, H, A] float32 (action_out_proj dtype)
         expected = (prefix_kv.batch_size, self.config.action_horizon, self.config.action_dim)
@@ -346,10 +352,20 @@ class Pi05Model(nn.Module):
                     prefix_kv = PrefixKV(keys=tuple(k.clone() for k in prefix_kv.keys),
                                          values=tuple(v.clone() for v in prefix_kv.values))
 
+        total = num_steps * EVALUATIONS_PER_STEP[solver]
+        wanted = None if attention_eval is None or not return_attention else attention_eval % total
+        counter = [0]
+
         def evaluate(x_t: Tensor, t: float) -> Tensor:
             # a fill on the device rather than a host-to-device copy: the loop stays capturable as a CUDA graph
             t_device = torch.full((), t, dtype=torch.float32, device=x_t.device)
-            v_t, attn = predict(prefix_kv, prefix_mask, x_t, t_device, return_attention)
+            index, counter[0] = counter[0], counter[0] + 1
+            if wanted is None:
+                v_t, attn = predict(prefix_kv, prefix_mask, x_t, t_device, return_attention)
+            elif index == wanted:
+                v_t, attn = (predict_attention or predict)(prefix_kv, prefix_mask, x_t, t_device, return_attention)
+            else:
+                v_t, attn = predict(prefix_kv, prefix_mask, x_t, t_device, False)
             if attn is not None:
                 maps.append(tuple(None if m is None else m.detach() for m in attn))
             return v_t

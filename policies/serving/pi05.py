@@ -244,8 +244,9 @@ class Pi05Engine(Engine):
         denoise_groups: dict[tuple, list[_Row]] = defaultdict(list)
         for row in rows:
             layers = tuple(sorted(row.decision.needs.denoise_layers))
-            denoise_groups[(row.session.denoise.key, layers, _guidance_key(row))].append(row)
-        for (_, layers, _), group in denoise_groups.items():
+            evaluation = row.decision.needs.denoise_eval if layers else None
+            denoise_groups[(row.session.denoise.key, layers, evaluation, _guidance_key(row))].append(row)
+        for (_, layers, _, _), group in denoise_groups.items():
             self._denoise(group, layers)
 
     def _prefix_pass(self, group: list[_Row], needs: AttentionNeeds) -> None:
@@ -279,13 +280,14 @@ class Pi05Engine(Engine):
         noise = torch.cat([self._noise(r.session, r.session.index) for r in group]).to(self.device)
         result = self.stages.denoise(prefix_kv, mask, noise, settings.num_steps, settings.schedule, settings.solver,
                                      return_attention=list(layers) if layers else False,
-                                     guidance=_guidance(group))
+                                     guidance=_guidance(group),  # maps at the one evaluation the policy reads
+                                     attention_eval=group[0].decision.needs.denoise_eval if layers else None)
         actions = self.processor.postprocess(result.actions)  # [B, H, 7]
         for j, row in enumerate(group):
             row.actions = actions[j]
             row.model_actions = result.actions[j]
             if layers:
-                maps = result.attention[row.decision.needs.denoise_eval]
+                maps = result.attention[0]  # the only evaluation with maps
                 row.denoise_attention = {layer: maps[layer][j] for layer in layers}
         self._sync()
         elapsed = (clock() - t0) * 1e3
