@@ -17,6 +17,7 @@ from pathlib import Path
 
 from libero_eval.plots import MODE_LABELS, MODES, execution_mode, overall_rows
 from libero_eval.report import load_run
+from libero_eval.specs import pair_key
 from libero_eval.sweep_summary import paired
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def build(run_dir: Path) -> dict:
     outcomes: dict[str, dict] = {}
     for r in data.results:
         if r.status != "error":
-            outcomes.setdefault(r.policy_label, {})[(r.suite, r.task_id, r.trial)] = bool(r.success)
+            outcomes.setdefault(r.policy_label, {})[pair_key(r)] = bool(r.success)
     families: dict[str, dict[str, str]] = {}
     for label, row in rows.items():
         families.setdefault(row["family"], {})[execution_mode(row)] = label

@@ -241,7 +241,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         tracker.close()
         raise
     variants = config.variants()
-    baseline = pick_baseline([v.label for v in variants], {v.label: v.name for v in variants})
+    baseline = pick_baseline([v.label for v in variants], {v.label: v.name for v in variants},
+                             {v.label: v.param_dict for v in variants})
     baselines = pick_baselines({v.label: v.describe() for v in variants})
     rows = policy_rows(outcome.results, baselines)
     (out / "summary.json").write_text(json.dumps({"rows": rows, "actor": outcome.actor_stats}, indent=2, default=str))

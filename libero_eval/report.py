@@ -148,7 +148,7 @@ def load_run(run_dir: str | Path) -> RunData:
         except json.JSONDecodeError as exc:
             notes.append(f"{REPLAY_SUMMARY} is not valid JSON ({exc}); offline fidelity left out")
     labels = sorted(variants)
-    baseline = pick_baseline(labels, {k: v["name"] for k, v in variants.items()})
+    baseline = pick_baseline(labels, {k: v["name"] for k, v in variants.items()}, variants)
     baselines = pick_baselines(variants)
     name = (config or {}).get("name") or run_dir.resolve().name
     return RunData(run_dir, name, config, results, planned, retries, variants, baseline, replay, notes, baselines)

@@ -167,12 +167,18 @@ def _shadow_exec(r: dict[str, Any]) -> str:
     return f"{r['shadow_exec_mean']:.3f}/{r['shadow_exec_min']:.3f}"
 
 
-def pick_baseline(labels: list[str], names: dict[str, str]) -> str | None:
-    """The first variant named `none` (the full path every frame), else None."""
-    for label in labels:
-        if names.get(label) == "none":
-            return label
-    return None
+DENOISE_KEYS = ("num_steps", "schedule", "solver")  # a `none` with these is a denoising candidate, not the baseline
+
+
+def pick_baseline(labels: list[str], names: dict[str, str], infos: dict[str, dict[str, Any]] | None = None) -> str | None:
+    """The first variant named `none` (the full path every frame); with `infos` ({label: its parameters}),
+    one at the checkpoint's denoising settings first (`none` with num_steps / solver / schedule is a
+    denoising candidate compared against it). None when there is no `none`."""
+    candidates = [label for label in labels if names.get(label) == "none"]
+    if infos:
+        plain = [label for label in candidates if not any(k in (infos.get(label) or {}) for k in DENOISE_KEYS)]
+        candidates = plain or candidates
+    return candidates[0] if candidates else None
 
 
 def pick_baselines(variants: dict[str, dict[str, Any]]) -> dict[str, str | None]:
@@ -186,5 +192,5 @@ def pick_baselines(variants: dict[str, dict[str, Any]]) -> dict[str, str | None]
     out = {}
     for label, info in variants.items():
         out[label] = pick_baseline([l for l in variants if key(variants[l]) == key(info)],
-                                   {l: v["name"] for l, v in variants.items()})
+                                   {l: v["name"] for l, v in variants.items()}, variants)
     return out

@@ -111,7 +111,7 @@ class SweepInfo:
                               "latency": v.execution.latency, "execution": v.execution.execution}
                     for v in config.variants()}
         return cls(config.name, config.to_dict(), variants, config.trial_list(),
-                   pick_baseline(list(variants), {k: v["name"] for k, v in variants.items()}))
+                   pick_baseline(list(variants), {k: v["name"] for k, v in variants.items()}, variants))
 
     @classmethod
     def from_run(cls, data) -> "SweepInfo":

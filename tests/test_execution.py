@@ -4,6 +4,7 @@ import pytest
 
 from libero_eval.config import ConfigError, load_config
 from libero_eval.execution import ChunkExecutor, frame_cost_us, load_named_profile
+from libero_eval.sweep_summary import pick_baseline, pick_baselines
 from policies.serving.latency import LatencyError, LatencyProfile, delay_steps
 from policies.serving.variants import ExecutionSettings
 
@@ -143,3 +144,15 @@ def test_results_from_before_per_frame_costs_show_latency_as_unknown():
     assert table[2].split()[6:10] == ["0%", "-", "-", "-"]  # reuse, lat ms, Hz, speedup
     mixed = [result("none", "none", True), result("fixed_window", "fixed_window", False)]
     assert [r["speedup"] for r in policy_rows(mixed, "none")] == [1.0, None]
+
+
+def test_the_baseline_is_the_none_at_the_checkpoints_denoising_not_a_denoising_candidate():
+    """`none` with num_steps / solver (seed 004's candidates, e.g. euler5 and heun5) is compared against the
+    plain `none`, whatever the label order."""
+    variants = {"euler5": {"name": "none", "num_steps": 5}, "heun5": {"name": "none", "num_steps": 5, "solver": "heun"},
+                "none": {"name": "none"}, "fw2": {"name": "fixed_window", "window": 2}}
+    names = {k: v["name"] for k, v in variants.items()}
+    assert pick_baseline(sorted(variants), names) == "euler5"  # by name alone: the first `none`
+    assert pick_baseline(sorted(variants), names, variants) == "none"
+    assert set(pick_baselines(variants).values()) == {"none"}
+    assert pick_baseline(["euler5"], names, variants) == "euler5"  # no plain one: a candidate still pairs
