@@ -26,7 +26,7 @@ from libero_eval.plots import overall_rows
 from libero_eval.specs import EpisodeResult, pair_key
 from libero_eval.stats import wilson_interval
 from libero_eval.store import RESULTS_FILE, ResultStore
-from libero_eval.sweep_summary import REUSE_DECISIONS, pick_baseline, pick_baselines, policy_rows
+from libero_eval.sweep_summary import REUSE_DECISIONS, paired_text, pick_baseline, pick_baselines, policy_rows
 from libero_eval.trained_on import overlap_warning
 from tasks import registry
 
@@ -251,11 +251,11 @@ def _success(row: dict[str, Any]) -> str:
 
 
 def policy_table(data: RunData) -> tuple[list[str], list[list[str]]]:
-    header = ["policy", "suite", "success [95% CI]", "vs baseline", "reuse", "latency ms (model)", "Hz", "speedup",
+    header = ["policy", "suite", "success [95% CI]", "vs baseline (d>=: detectable pts)", "reuse", "latency ms (model)", "Hz", "speedup",
               "delay steps", "shadow cos, executed actions (mean/min)", "full frames by reason", "errors"]
     body = []
     for r in data.rows:
-        paired = (f"-{r['base_only']}/+{r['variant_only']} p={r['mcnemar_p']:.2f}" if "pairs" in r
+        paired = (paired_text(r) if "pairs" in r
                   else "(baseline)" if r["policy"] == r.get("baseline") else "-")
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["full_by_reason"].items(), key=lambda kv: -kv[1]))
         shadow = ("-" if r.get("shadow_exec_mean") is None

@@ -141,7 +141,9 @@ def format_table(rows: list[dict[str, Any]], baseline: str | dict[str, str | Non
         who = "its baseline (none, same timing, latency model and execution)" if several else name
         legend.insert(0, f"vs {name}: -b/+c = paired episodes (same task, init state, seed) where only {who} "
                          f"succeeded / only the variant did;\n  p = exact McNemar test on those pairs (small p: the "
-                         "variants really differ). Success: k/n, rate, 95% Wilson interval.")
+                         "variants really differ); d>=N: the smallest success difference (points) these pairs\n  "
+                         "could detect (80% power, two-sided 5%, Connor 1987): a smaller difference is not a finding. "
+                         "Success: k/n, rate, 95% Wilson interval.")
     return table + "\n" + "\n".join(legend)
 
 
@@ -149,7 +151,7 @@ def _table_row(r: dict[str, Any]) -> list[str]:
     success = "-" if r["success_rate"] is None else (
         f"{r['successes']}/{r['n']} {100 * r['success_rate']:.0f}% [{100 * r['wilson_low']:.0f}-{100 * r['wilson_high']:.0f}]")
     if "pairs" in r:
-        paired = f"-{r['base_only']}/+{r['variant_only']} p={r['mcnemar_p']:.2f}"
+        paired = paired_text(r)
     else:
         paired = "(baseline)" if r["policy"] == r.get("baseline") else "-"
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["full_by_reason"].items(), key=lambda kv: -kv[1]))
@@ -159,6 +161,12 @@ def _table_row(r: dict[str, Any]) -> list[str]:
     return [r["policy"], r["suite"], success, paired, fmt(r["reuse_rate"], ".0%"), fmt(r.get("cost_ms"), ".1f"),
             fmt(r.get("hz"), ".1f"), fmt(r["speedup"], ".2f", "x"), fmt(r.get("delay_steps"), ".1f"),
             _shadow_exec(r), reasons]
+
+
+def paired_text(r: dict[str, Any]) -> str:
+    """'-b/+c p=0.62 d>=35': the paired test of a row and the smallest difference its pairs could detect."""
+    detectable = "" if r.get("detectable") is None else f" d>={100 * r['detectable']:.0f}"
+    return f"-{r['base_only']}/+{r['variant_only']} p={r['mcnemar_p']:.2f}{detectable}"
 
 
 def _shadow_exec(r: dict[str, Any]) -> str:

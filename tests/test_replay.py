@@ -129,16 +129,17 @@ def test_sweep_table_keeps_its_columns_and_numbers():
               "wilson_high": 0.77, "errors": 1, "reuse_rate": 0.4, "cost_ms": 38.9, "hz": 25.7, "speedup": 1.3123,
               "delay_steps": 2.5,
               "shadow_exec_mean": 0.98765, "shadow_exec_min": 0.5, "full_by_reason": {"window": 3, "first_frame": 5}, "pairs": 5,
-              "base_only": 1, "variant_only": 0, "mcnemar_p": 1.0}
+              "base_only": 1, "variant_only": 0, "mcnemar_p": 1.0, "detectable": 0.84}
     lines = sweep_table([base, cached], "none").splitlines()
     assert lines[0].split("  ")[0] == "policy" and "vs none" in lines[0] and "full frames by reason" in lines[0]
     assert lines[2].split() == ["none", "libero_spatial", "3/6", "50%", "[19-81]", "(baseline)", "0%", "51.0",
                                 "19.6", "1.00x", "-", "-", "every_frame", "20,", "first_frame", "6"]
-    assert lines[3].split() == ["fixed_window", "libero_spatial", "2/5", "40%", "[12-77]", "-1/+0", "p=1.00", "40%",
+    assert lines[3].split() == ["fixed_window", "libero_spatial", "2/5", "40%", "[12-77]", "-1/+0", "p=1.00", "d>=84", "40%",
                                 "38.9", "25.7", "1.31x", "2.5", "0.988/0.500", "first_frame", "5,", "window", "3", "[1",
                                 "errors]"]
     assert lines[4].startswith("vs none: -b/+c = paired episodes") and "McNemar" in lines[5]  # the legend
-    assert lines[6].startswith("lat ms / Hz / speedup: each frame's modelled cost")
+    assert "d>=N: the smallest success difference" in lines[5] and "Connor 1987" in lines[6]
+    assert lines[7].startswith("lat ms / Hz / speedup: each frame's modelled cost")
     assert "-b/+c" not in sweep_table([base], "none")  # no pairs, no legend
 
 

@@ -98,7 +98,7 @@ def test_report_tables_hold_the_stored_numbers(reported):
     assert policies[0][:3] == ["policy", "suite", "success [95% CI]"]
     rows = {r[0]: r for r in policies[1:]}
     assert rows[BASELINE][2] == "3/6 50% [19%-81%]" and rows[BASELINE][3] == "(baseline)"
-    assert rows[CACHED][2] == "2/5 40% [12%-77%]" and rows[CACHED][3] == "-1/+0 p=1.00"
+    assert rows[CACHED][2] == "2/5 40% [12%-77%]" and rows[CACHED][3] == "-1/+0 p=1.00 d>=97"
     assert rows[CACHED][4] == "40%" and rows[CACHED][7] == "1.31x" and rows[CACHED][-1] == "1"
     episodes = dom.tables["episodes-table"][1:]
     assert len(episodes) == len(TASKS) * TRIALS * 2
@@ -114,7 +114,7 @@ def test_report_tables_hold_the_stored_numbers(reported):
     assert not any(link.startswith(("/", "http", "file:")) for link in dom.links)
     md = md_path.read_text()
     assert "complete: 12 of 12 planned episodes" in md
-    assert f"| {CACHED} | libero_spatial | 2/5 40% [12%-77%] | -1/+0 p=1.00 |" in md
+    assert f"| {CACHED} | libero_spatial | 2/5 40% [12%-77%] | -1/+0 p=1.00 d>=97 |" in md
     assert (run_dir / "report" / "success_by_policy.png").is_file()
 
 
