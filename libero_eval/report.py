@@ -421,7 +421,7 @@ def write_report(run_dir: str | Path, timelines: int | str | list[str] = TIMELIN
     if sync_realtime is not None:
         figures["sync_vs_realtime"] = sync_realtime
     chosen = pick_timelines(data, timelines)
-    drawn = [(r, plots.timeline(r)) for r in chosen]
+    drawn = [(r, png) for r in chosen if (png := plots.timeline(r))]  # an episode without frames has none
     plot_dir = run_dir / PLOTS_DIR
     plot_dir.mkdir(exist_ok=True)
     for name, png in figures.items():
@@ -457,8 +457,8 @@ def write_report(run_dir: str | Path, timelines: int | str | list[str] = TIMELIN
     parts += ["<h2>Per task</h2>", html_table("tasks-table", *tables["tasks"])]
     parts += ["<h2>Timelines</h2><p>Signals that vary over the episode, with their trigger threshold (dashed), and "
               "the decision per frame (green FULL, orange REUSE, blue PARTIAL), beside the episode's video.</p>",
-              f'<p class="note" id="timeline-note">{html.escape(timeline_note(data, chosen, timelines))}</p>',
-              "<div id='timelines'>", *(_episode_view(run_dir, r, png) for r, png in drawn if png), "</div>"]
+              f'<p class="note" id="timeline-note">{html.escape(timeline_note(data, [r for r, _ in drawn], timelines))}</p>',
+              "<div id='timelines'>", *(_episode_view(run_dir, r, png) for r, png in drawn), "</div>"]
     parts += ["<h2>Episodes</h2>", html_table("episodes-table", *tables["episodes"], link_last=True),
               "</body></html>"]
     html_path = run_dir / "report.html"
