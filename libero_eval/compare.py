@@ -20,7 +20,7 @@ from typing import Any
 
 from libero_eval import plots, tables
 from libero_eval.plots import overall_rows
-from libero_eval.report import ReportError, RunData, html_table, img_tag, md_table, load_run
+from libero_eval.report import ReportError, RunData, html_table, img_tag, load_run, md_table, video_tag
 from libero_eval.specs import EpisodeResult, pair_key
 from libero_eval.sweep_summary import paired
 from libero_eval.tracking import SECRET_NAME, flatten, flush_wandb, open_wandb_run, wandb_env
@@ -212,7 +212,7 @@ def _video(out_dir: Path, run: RunData, result: EpisodeResult, name: str) -> str
         return f'<p class="novideo">{html.escape(name)}: no video stored</p>'
     src = os.path.relpath((run.run_dir / result.video).resolve(), out_dir.resolve())
     return (f'<figure><figcaption>{html.escape(name)}: {html.escape(_outcome(result))}</figcaption>'
-            f'<video controls preload="metadata" src="{html.escape(src)}"></video></figure>')
+            f'{video_tag(src, result.key)}</figure>')
 
 
 _CSS = """body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0 20px}

@@ -351,12 +351,16 @@ def img_tag(png: bytes, alt: str, img_id: str | None = None) -> str:
     return f'<img{ident} alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+def video_tag(src: str, title: str) -> str:
+    """A video player for a relative path (loaded on demand: a report may hold many)."""
+    return f'<video controls preload="metadata" src="{html.escape(src)}" title="{html.escape(title)}"></video>'
+
+
 def _episode_view(run_dir: Path, result: EpisodeResult, timeline_png: bytes) -> str:
     """One episode's timeline with its video as a player beside it (so the frame where a signal spiked can
     be watched), or a word on why there is no video."""
     if result.video and (run_dir / result.video).is_file():
-        video = (f'<video controls preload="metadata" src="{html.escape(result.video)}" '
-                 f'title="{html.escape(result.key)}"></video>')
+        video = video_tag(result.video, result.key)
     else:
         video = '<p class="novideo">no video stored for this episode (sweep video setting, or an error)</p>'
     return f'<div class="episode" id="episode-{html.escape(result.key)}">{img_tag(timeline_png, result.key)}{video}</div>'
