@@ -29,7 +29,12 @@ log = logging.getLogger("libero_eval")
 @ray.remote
 class PolicyActor:
     def __init__(self, model: ModelConfig, variants: list[PolicyVariant], max_batch: int, batch_wait_ms: float,
-                 torch_threads: int | None = None, shadow: bool = False, replan_steps: int = 5):
+                 torch_threads: int | None = None, shadow: bool = False, replan_steps: int = 5,
+                 placed_on_gpu: bool = False):
+        if placed_on_gpu and model.device != "cpu" and not torch.cuda.is_available():
+            raise RuntimeError(f"the policy actor was given a GPU but CUDA is not available in it (model.device: "
+                               f"{model.device}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+                               "a CUDA build of torch and a driver are needed on that node")
         # Global torch settings are set once here, at actor start-up, and logged.
         if torch_threads:
             torch.set_num_threads(torch_threads)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 import yaml
 from tqdm import tqdm
 
@@ -198,12 +197,13 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
         by_label = {v.label: v for v in variants}
         latencies: dict = {}
         r = config.ray
-        use_gpu = _gpu_available() and config.model.kind != "openpi_server"  # a served model has its own device
-        actor_opts = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": r.policy_actor_cpus}
+        actor_opts, placement = policy_placement(config, ray.cluster_resources())
+        use_gpu = "num_gpus" in actor_opts
+        print(placement)
         actor_name = f"libero-eval-policy-{uuid.uuid4().hex[:8]}"
         policy_actor = PolicyActor.options(name=actor_name, max_restarts=r.max_retries, **actor_opts).remote(
             config.model, variants, r.max_batch, r.batch_wait_ms, None if use_gpu else 1,
-            config.episode.shadow, config.episode.replan_steps)
+            config.episode.shadow, config.episode.replan_steps, use_gpu)
         n_workers = min(r.num_workers, len(todo))
         workers: list = []  # started once the latency models are fixed (a calibration runs alone)
         scheduler = _Scheduler(todo)
@@ -295,8 +295,26 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: bool = True, on_re
     return outcome
 
 
-def _gpu_available() -> bool:
-    return torch.cuda.is_available()
+def policy_placement(config: SweepConfig, cluster: dict[str, float]) -> tuple[dict[str, float], str]:
+    """Ray resources for the policy actor, from the cluster's resources (never the driver's devices) and
+    `model.device`, and a line saying what was chosen. ConfigError when `cuda` is asked of a cluster without
+    a GPU."""
+    r, device = config.ray, config.model.device
+    gpus, cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
+    have = f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs"
+    on_cpu = {"num_cpus": r.policy_actor_cpus}
+    if config.model.kind == "openpi_server":
+        return on_cpu, f"policy actor: a relay to {config.model.url} on CPU (the model is the server's)"
+    if all(v.model_free for v in config.variants()):
+        return on_cpu, "policy actor: model-free variants only, on CPU"
+    if device == "cpu":
+        return on_cpu, f"policy actor: CPU (model.device: cpu; {have})"
+    if gpus >= 1:
+        return {"num_gpus": 1, "num_cpus": 1}, f"policy actor: one GPU (model.device: {device}; {have})"
+    if device == "cuda":
+        raise ConfigError(f"model.device: cuda, but {have}: start the cluster with GPUs, or use model.device: "
+                          "auto or cpu")
+    return on_cpu, f"policy actor: CPU (model.device: auto and {have})"
 
 
 def _progress_text(counts: dict[str, list[int]], width: int | None = None) -> str:

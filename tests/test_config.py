@@ -153,3 +153,22 @@ def test_repeats_are_paired_across_variants_and_repeat_zero_keeps_todays_seeds()
     assert rows["fixed_window_window2"]["pairs"] == 2  # repeat 1 has no partner: pairs are by repeat too
     with pytest.raises(ConfigError, match="repeats: expected a positive integer"):
         load_config(None, ["repeats=0"])
+
+
+def test_the_policy_actor_is_placed_from_the_clusters_resources_not_the_drivers():
+    """model.device against what the Ray cluster offers (logical resources: no real GPU needed): cpu never
+    reserves a GPU, auto takes one when the cluster has one, cuda on a cluster without one is refused."""
+    from libero_eval.sweep import policy_placement  # the sweep module loads Ray: this test only
+
+    def config(device: str, *extra: str):
+        return load_config(None, ["model.kind=tiny", f"model.device={device}", *extra])
+
+    gpu_cluster, cpu_cluster = {"CPU": 16.0, "GPU": 8.0}, {"CPU": 4.0}
+    opts, line = policy_placement(config("auto"), gpu_cluster)
+    assert opts == {"num_gpus": 1, "num_cpus": 1} and "one GPU" in line and "8 GPUs" in line
+    assert policy_placement(config("cpu"), gpu_cluster)[0] == {"num_cpus": 0.5}  # no GPU reserved
+    assert policy_placement(config("auto"), cpu_cluster)[0] == {"num_cpus": 0.5}
+    with pytest.raises(ConfigError, match="model.device: cuda, but the Ray cluster has 4 CPUs and 0 GPUs"):
+        policy_placement(config("cuda"), cpu_cluster)
+    assert policy_placement(config("cuda"), gpu_cluster)[0]["num_gpus"] == 1
+    assert "num_gpus" not in policy_placement(config("auto", "policies=[{name: hold}]"), gpu_cluster)[0]
