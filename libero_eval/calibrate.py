@@ -7,7 +7,8 @@ Per value: reuse rate, prefix compute skipped and offline fidelity (cosine of th
 full computation on the same frame and noise: mean / p5 / min). Written to <out>/calibration.json and
 calibration.png, printed as a table; with --target-reuse the value whose reuse comes closest to the target
 is proposed (ties: the better p5 cosine), with the linear interpolation between the two values that
-bracket the target.
+bracket the target. --target-skipped does the same on the prefix compute skipped: the quantity that moves
+for vla_cache, whose frames are nearly all partial whatever its thresholds.
 """
 from __future__ import annotations
 
@@ -41,14 +42,15 @@ def rows(param: str, values: list[float], summaries: list[dict[str, Any]]) -> li
             for value, summary in zip(values, summaries, strict=True)]
 
 
-def propose(table: list[dict[str, Any]], target: float) -> dict[str, Any]:
-    """The tested value whose reuse is closest to `target` (ties: higher p5 cosine), and where the reuse
-    curve crosses the target between two tested values (linear), when it does."""
-    best = min(table, key=lambda r: (abs(r["reuse_rate"] - target), -r["cos_p5"]))
-    out: dict[str, Any] = {"target_reuse": target, "value": best["value"], "reuse_rate": best["reuse_rate"],
-                           "cos_mean": best["cos_mean"], "cos_p5": best["cos_p5"], "interpolated": None}
+def propose(table: list[dict[str, Any]], target: float, metric: str = "reuse_rate") -> dict[str, Any]:
+    """The tested value whose `metric` (reuse_rate or compute_skipped) is closest to `target` (ties: higher
+    p5 cosine), and where the curve crosses the target between two tested values (linear), when it does."""
+    best = min(table, key=lambda r: (abs(r[metric] - target), -r["cos_p5"]))
+    out: dict[str, Any] = {"metric": metric, "target": target, "value": best["value"], metric: best[metric],
+                           "reuse_rate": best["reuse_rate"], "cos_mean": best["cos_mean"], "cos_p5": best["cos_p5"],
+                           "interpolated": None}
     for lo, hi in zip(table, table[1:]):
-        a, b = lo["reuse_rate"] - target, hi["reuse_rate"] - target
+        a, b = lo[metric] - target, hi[metric] - target
         if a == 0 or a * b < 0:
             share = 0.0 if a == 0 else a / (a - b)
             out["interpolated"] = lo["value"] + share * (hi["value"] - lo["value"])
@@ -76,7 +78,7 @@ def plot(table: list[dict[str, Any]], proposal: dict[str, Any] | None) -> bytes:
     ax.plot(xs, [r["cos_p5"] for r in table], "^--", label="cosine p5", color="#2f6fb0")
     if proposal is not None:
         ax.axvline(proposal["value"], color="#444", lw=1, ls=":", label=f"proposed {proposal['value']:g}")
-        ax.axhline(proposal["target_reuse"], color="#d98c1f", lw=0.8, ls=":")
+        ax.axhline(proposal["target"], color="#d98c1f", lw=0.8, ls=":")
     ax.set_xlabel(table[0]["param"])
     ax.set_ylim(min(0.0, min(r["cos_min"] for r in table)), 1.05)
     ax.set_title(f"{table[0]['policy'].rsplit('_' + table[0]['param'], 1)[0]}: replay per threshold", fontsize=9)
@@ -85,9 +87,10 @@ def plot(table: list[dict[str, Any]], proposal: dict[str, Any] | None) -> bytes:
     return to_png(fig)
 
 
-def write(out: Path, table: list[dict[str, Any]], target: float | None) -> dict[str, Any] | None:
+def write(out: Path, table: list[dict[str, Any]], target: float | None,
+          metric: str = "reuse_rate") -> dict[str, Any] | None:
     """calibration.json + calibration.png into `out`; returns the proposal (None without a target)."""
-    proposal = propose(table, target) if target is not None else None
+    proposal = propose(table, target, metric) if target is not None else None
     (out / CALIBRATION_FILE).write_text(json.dumps({"rows": table, "proposal": proposal}, indent=1))
     (out / CALIBRATION_PLOT).write_bytes(plot(table, proposal))
     return proposal

@@ -220,8 +220,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--calibrate", default=None, metavar="PARAM=V1,V2,...",
                         help="replay the one --policy at each value of one threshold (e.g. pixel_mae=4,5,6,6.5,7): "
                              "reuse and fidelity per value -> calibration.json / .png")
-    parser.add_argument("--target-reuse", type=float, default=None, metavar="R",
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--target-reuse", type=float, default=None, metavar="R",
                         help="with --calibrate: propose the value whose reuse rate comes closest to R (0..1)")
+    target.add_argument("--target-skipped", type=float, default=None, metavar="S",
+                        help="with --calibrate: the same on the prefix compute skipped (vla_cache: its frames are "
+                             "nearly all partial, what moves is how much they skip)")
     return parser
 
 
@@ -246,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
             entries = [e for e in stored.get("policies", []) if e.get("name") not in MODEL_FREE
                        and "rtc" not in str(e.get("execution", ""))] or DEFAULT_POLICIES  # (no clock offline)
         calibration = None
-        if args.calibrate is not None or args.target_reuse is not None:
+        if args.calibrate is not None or args.target_reuse is not None or args.target_skipped is not None:
             calibration = _calibration_entries(args, entries)
             entries = calibration[2]
         variants = expand_variants(entries)
@@ -301,22 +305,26 @@ def run(args: argparse.Namespace) -> int:
     if calibration is not None:
         param, values, _ = calibration
         table = calibrate.rows(param, values, summary["policies"])
-        proposal = calibrate.write(out, table, args.target_reuse)
+        metric, target = (("compute_skipped", args.target_skipped) if args.target_skipped is not None
+                          else ("reuse_rate", args.target_reuse))
+        proposal = calibrate.write(out, table, target, metric)
         print(f"\ncalibration of {param} ({out / calibrate.CALIBRATION_FILE}, {calibrate.CALIBRATION_PLOT}):")
         print(calibrate.format_rows(table))
         if proposal is not None:
+            what = "reuse" if metric == "reuse_rate" else "compute skipped"
             crossing = ("" if proposal["interpolated"] is None
-                        else f"; reuse crosses {args.target_reuse:g} at {param} ~ {proposal['interpolated']:.4g}")
-            print(f"proposed for reuse {args.target_reuse:g}: {param}={proposal['value']:g} (reuse "
-                  f"{proposal['reuse_rate']:.0%}, cosine mean {proposal['cos_mean']:.4f}, p5 {proposal['cos_p5']:.4f})"
-                  + crossing)
+                        else f"; {what} crosses {target:g} at {param} ~ {proposal['interpolated']:.4g}")
+            print(f"proposed for {what} {target:g}: {param}={proposal['value']:g} ({what} {proposal[metric]:.0%}, "
+                  f"cosine mean {proposal['cos_mean']:.4f}, p5 {proposal['cos_p5']:.4f})" + crossing)
     return 0
 
 
 def _calibration_entries(args: argparse.Namespace, entries: list[dict[str, Any]]):
     """(param, values, the one policy entry swept over the values) for --calibrate; ValueError otherwise."""
     if args.calibrate is None:
-        raise ValueError("--target-reuse needs --calibrate PARAM=V1,V2,...")
+        raise ValueError("--target-reuse / --target-skipped need --calibrate PARAM=V1,V2,...")
+    if args.target_skipped is not None and not 0.0 <= args.target_skipped <= 1.0:
+        raise ValueError(f"--target-skipped: expected a share in [0, 1], got {args.target_skipped}")
     if len(entries) != 1:
         raise ValueError(f"--calibrate sweeps one policy: give exactly one --policy, got {len(entries)}")
     if args.target_reuse is not None and not 0.0 <= args.target_reuse <= 1.0:

@@ -99,7 +99,11 @@ def test_calibration_replays_one_policy_per_threshold_and_proposes_one(tmp_path,
     assert table[1]["reuse_rate"] == pytest.approx(4 / 6)  # window 4, never forced: frames 1-3 and 5 of 0-5 reused
     assert stored["proposal"]["value"] == 255 and 0 < stored["proposal"]["interpolated"] < 255
     assert (tmp_path / "replay" / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "proposed for reuse 0.6: pixel_mae=255" in capsys.readouterr().out
+    assert "proposed for reuse 0.6: pixel_mae=255 (reuse 67%" in capsys.readouterr().out
+    assert rp.run(parse([str(tmp_path), "--policy", "adaptive:window=4", "--calibrate", "pixel_mae=0,255",
+                         "--target-skipped", "0.1", "--device", "cpu"])) == 0
+    proposal = json.loads((tmp_path / "replay" / "calibration.json").read_text())["proposal"]
+    assert proposal["metric"] == "compute_skipped" and proposal["value"] == 0
     assert rp.run(parse([str(tmp_path), "--policy", "adaptive", "--policy", "none", "--calibrate", "pixel_mae=1,2"])) == 2
     assert rp.run(parse([str(tmp_path), "--policy", "adaptive", "--calibrate", "pixel_mae=1"])) == 2
     assert rp.run(parse([str(tmp_path), "--policy", "adaptive", "--target-reuse", "0.5"])) == 2
