@@ -212,6 +212,71 @@ def test_compiled_partial_pass_falls_back_to_eager_exactly(compiled):
     assert all(torch.equal(a, b) for a, b in zip(got.keys + got.values, expected.keys + expected.values, strict=True))
 
 
+class _ReplayStandIn:
+    """CPU stand-in for DenoiseGraphs (a CUDA graph replays the recorded loop): the uncaptured loop with the
+    evaluation inputs recorded, returned as `DenoiseGraphs.run` returns them."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def run(self, kv, mask, noise, num_steps, schedule, solver):
+        inputs: list = []
+        return self.backend.denoise_uncaptured(kv, mask, noise, num_steps, schedule, solver, record=inputs), inputs
+
+
+def test_attention_from_a_recorded_evaluation_equals_the_inline_maps(compiled):
+    """The CUDA-graph path of attention-reading policies: the plain run (what the graph replays) records each
+    evaluation's input, and one more evaluation of the wanted one gives its maps. On CPU, eager and compiled:
+    the maps equal those computed inline and the actions are the plain path's, bit for bit. (The graph
+    capture itself needs CUDA: not run here.)"""
+    model, backend, inputs, noise, _, _ = compiled
+    last = model.config.action_expert.depth - 1
+    with torch.inference_mode():
+        for stages in (Pi05Backend(model), backend):
+            prefix = stages.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks)
+            kv = stages.compute_prefix_kv(prefix)
+            plain = stages.denoise(kv, prefix.pad_mask, noise)
+            inline = stages.denoise(kv, prefix.pad_mask, noise, return_attention=[last], attention_eval=-1)
+            record: list = []
+            recorded = stages.denoise_uncaptured(kv, prefix.pad_mask, noise, model.config.num_steps, "linear", "euler",
+                                                 record=record)
+            assert len(record) == model.config.num_steps and torch.equal(recorded.actions, plain.actions)
+            maps = stages.attention_at(kv, prefix.pad_mask, record[-1], frozenset({last}))
+            assert torch.equal(maps[last], inline.attention[0][last]), stages.name
+            stages.graphs = _ReplayStandIn(stages)
+            try:
+                routed = stages.denoise(kv, prefix.pad_mask, noise, return_attention=[last], attention_eval=-1)
+            finally:
+                stages.graphs = None
+            assert torch.equal(routed.actions, plain.actions)  # the plain path's actions: what `none` executes
+            assert len(routed.attention) == 1 and torch.equal(routed.attention[0][last], inline.attention[0][last])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_path_of_attention_readers_replays_the_plain_graph():
+    """On CUDA: an attention-reading full frame is the plain run's graph replay (its actions bit for bit) and
+    its maps match those of the uncaptured loop's read evaluation, replay after replay (static buffers)."""
+    model = random_model(one_layer_config()).cuda()
+    backend = CompiledBackend(model, BackendOptions(backend="compile"))
+    assert backend.graphs is not None
+    last = model.config.action_expert.depth - 1
+    with torch.inference_mode():
+        cpu_inputs = random_inputs(model.config, 2)
+        inputs = type(cpu_inputs)(**{f.name: getattr(cpu_inputs, f.name).cuda() for f in dataclasses.fields(cpu_inputs)})
+        prefix = backend.embed_prefix(inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks)
+        kv = backend.compute_prefix_kv(prefix)
+        for seed in (1, 2, 3):
+            noise = random_noise(model.config, 2, seed=seed).cuda()
+            plain = backend.denoise(kv, prefix.pad_mask, noise)
+            routed = backend.denoise(kv, prefix.pad_mask, noise, return_attention=[last], attention_eval=-1)
+            assert torch.equal(routed.actions, plain.actions)
+            record: list = []
+            backend.denoise_uncaptured(kv, prefix.pad_mask, noise, model.config.num_steps, "linear", "euler",
+                                       record=record)
+            expected = backend.attention_at(kv, prefix.pad_mask, record[-1], frozenset({last}))
+            assert torch.allclose(routed.attention[0][last], expected[last], atol=ACTION_TOLERANCE["compile"])
+
+
 def test_stacked_kv_is_a_view_when_the_layers_came_from_one_tensor():
     stacked = torch.randn(3, 2, 1, 5, 4)
     assert _stacked(stacked.unbind(0)) is stacked  # K/V of an exported prefix: no copy per denoising run

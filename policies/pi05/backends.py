@@ -180,18 +180,39 @@ class Pi05Backend:
         """guidance (real-time chunking, policies/pi05/rtc.py) is never captured in a CUDA graph (its target
         changes every call); its `model` jacobian differentiates the step: the model's eager one.
         attention_eval: the one velocity evaluation whose maps are wanted (Pi05Model.denoise); the others
-        run this backend's plain step."""
+        run this backend's plain step. With CUDA graphs, such a run is the plain run's graph replay (so its
+        actions are the plain path's) and the maps one more evaluation, outside the graph, of that
+        evaluation's recorded input (`attention_at`)."""
         num_steps = self.config.num_steps if num_steps is None else num_steps
         layers = resolve_layers(return_attention, self.config.action_expert.depth)
-        if not layers and guidance is None and self.graphs is not None:
-            return self.graphs.run(prefix_kv, prefix_mask, noise, num_steps, schedule, solver)
+        if guidance is None and self.graphs is not None and (not layers or attention_eval is not None):
+            result, inputs = self.graphs.run(prefix_kv, prefix_mask, noise, num_steps, schedule, solver)
+            if not layers:
+                return result
+            maps = self.attention_at(prefix_kv, prefix_mask, inputs[attention_eval % len(inputs)], layers)
+            return dataclasses.replace(result, attention=(maps,))
         return self.denoise_uncaptured(prefix_kv, prefix_mask, noise, num_steps, schedule, solver, layers, guidance,
                                        attention_eval)
 
+    def attention_at(self, prefix_kv: PrefixKV, prefix_mask: Tensor, evaluation: tuple[Tensor, Tensor],
+                     layers: frozenset[int]) -> tuple[Tensor | None, ...]:
+        """The maps of `layers` at one velocity evaluation, from its input (x_t, t) as a run recorded it:
+        the same step the evaluation ran (Pi05Model.predict_velocity or this backend's), with maps."""
+        x_t, t = evaluation
+        predict = self.velocity_predictor(prefix_kv, layers)
+        if predict is None:
+            self._fell_back("denoise_attention_layers")
+            predict = self.model.predict_velocity
+        _, maps = predict(prefix_kv, prefix_mask, x_t.clone(), t.clone(), sorted(layers))
+        return tuple(None if m is None else m.detach() for m in maps)
+
     def denoise_uncaptured(self, prefix_kv: PrefixKV, prefix_mask: Tensor, noise: Tensor, num_steps: int,
                            schedule: str, solver: str, layers: frozenset[int] = frozenset(),
-                           guidance: Guidance | None = None, attention_eval: int | None = None) -> DenoiseResult:
-        """The model's sampler loop around this backend's denoising step (what the CUDA graph captures)."""
+                           guidance: Guidance | None = None, attention_eval: int | None = None,
+                           record: list | None = None) -> DenoiseResult:
+        """The model's sampler loop around this backend's denoising step (what the CUDA graph captures).
+        `record`: a list that gets each velocity evaluation's input (x_t, t), as copies (static tensors of
+        the graph when captured: every replay rewrites them)."""
         predict_attention = None
         if guidance is not None and guidance.jacobian == "model":
             predict = None
@@ -205,6 +226,8 @@ class Pi05Backend:
             predict = self.velocity_predictor(prefix_kv, layers)
             if predict is None:
                 self._fell_back("denoise_attention_layers")
+        if record is not None:
+            predict = _recording(predict or self.model.predict_velocity, record)
         return self.model.denoise(prefix_kv, prefix_mask, noise, num_steps, schedule, solver,
                                   sorted(layers) or False, predict_velocity=predict, guidance=guidance,
                                   attention_eval=attention_eval, predict_attention=predict_attention)
@@ -224,6 +247,14 @@ class Pi05Backend:
         return out
 
 
+def _recording(predict: Callable, record: list) -> Callable:
+    def recorded(kv: PrefixKV, mask: Tensor, x_t: Tensor, t: Tensor, return_attention: AttentionLayers):
+        record.append((x_t.clone(), t.clone()))
+        return predict(kv, mask, x_t, t, return_attention)
+
+    return recorded
+
+
 @dataclasses.dataclass
 class _GraphEntry:
     graph: Any  # torch.cuda.CUDAGraph
@@ -233,6 +264,7 @@ class _GraphEntry:
     noise: Tensor
     actions: Tensor  # static output, read (cloned) after every replay
     times: tuple[float, ...]
+    inputs: list[tuple[Tensor, Tensor]]  # static outputs too: each velocity evaluation's input (x_t, t)
 
 
 class DenoiseGraphs:
@@ -249,7 +281,9 @@ class DenoiseGraphs:
 
     @torch.inference_mode()  # static tensors are inference tensors: writing them needs inference mode
     def run(self, prefix_kv: PrefixKV, prefix_mask: Tensor, noise: Tensor, num_steps: int, schedule: str,
-            solver: str) -> DenoiseResult:
+            solver: str) -> tuple[DenoiseResult, list[tuple[Tensor, Tensor]]]:
+        """The result, and each velocity evaluation's input as this replay computed it (valid until the
+        next replay of the same entry)."""
         key = (tuple(noise.shape), prefix_kv.num_tokens, prefix_kv.keys[0].dtype, num_steps, schedule, solver)
         entry = self.entries.get(key)
         if entry is None:
@@ -261,7 +295,7 @@ class DenoiseGraphs:
         entry.mask.copy_(prefix_mask)
         entry.noise.copy_(noise)
         entry.graph.replay()
-        return DenoiseResult(actions=entry.actions.clone(), times=entry.times)
+        return DenoiseResult(actions=entry.actions.clone(), times=entry.times), entry.inputs
 
     def _capture(self, prefix_kv: PrefixKV, prefix_mask: Tensor, noise: Tensor, num_steps: int, schedule: str,
                  solver: str) -> _GraphEntry:
@@ -270,8 +304,9 @@ class DenoiseGraphs:
         mask, static_noise = prefix_mask.clone(), noise.to(self.backend.device).clone()
         static_kv = PrefixKV(keys=tuple(keys), values=tuple(values))
 
-        def loop() -> DenoiseResult:
-            return self.backend.denoise_uncaptured(static_kv, mask, static_noise, num_steps, schedule, solver)
+        def loop(record: list | None = None) -> DenoiseResult:
+            return self.backend.denoise_uncaptured(static_kv, mask, static_noise, num_steps, schedule, solver,
+                                                   record=record)
 
         # warm-up on a side stream (compilation, TensorRT's deferred allocations), then capture (torch docs)
         side = torch.cuda.Stream(self.backend.device)
@@ -281,9 +316,10 @@ class DenoiseGraphs:
                 loop()
         torch.cuda.current_stream(self.backend.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        inputs: list[tuple[Tensor, Tensor]] = []
         with torch.cuda.graph(graph):
-            result = loop()
-        return _GraphEntry(graph, keys, values, mask, static_noise, result.actions, result.times)
+            result = loop(inputs)
+        return _GraphEntry(graph, keys, values, mask, static_noise, result.actions, result.times, inputs)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -365,6 +365,8 @@ class Pi05Engine(Engine):
         else:
             token_layers = sum(decision.plan.tokens_per_layer(self.layout.num_tokens))
         evals = denoise.num_steps * EVALUATIONS_PER_STEP[denoise.solver]
+        if decision.needs.denoise_layers and not guided and getattr(self.stages, "graphs", None) is not None:
+            evals += 1  # the CUDA-graph path: the plain loop's replay, then the read evaluation again with maps
         vjp = guided and session.variant.rtc.rtc_jacobian == "model"
         return {"vision_images": 0 if decision.kind == "reuse" else self.layout.num_cameras,
                 "prefix_token_layers": token_layers, "prefix_token_layers_full": full,
