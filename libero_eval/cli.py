@@ -24,6 +24,7 @@ from tqdm import tqdm
 from libero_eval import layout_command, profile_command, replay, serve
 from libero_eval.cli_common import add_command, fail, parse_int_list, positive
 from libero_eval.config import ConfigError, load_config
+from libero_eval.dispatch import format_utilisation
 from libero_eval.episode import VIDEO_MODES, EpisodeConfig, run_episode
 from libero_eval.learning import commands as learning
 from libero_eval.specs import EpisodeResult, EpisodeSpec
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
     sweep.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local Ray on 127.0.0.1)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print the plan (episodes, policy replicas, rollout workers, resources) and an estimate "
+                            "of the wall time from measured rates; run nothing")
 
     report = add_command(sub, "report", "write report.html and summary.md for a run directory, or compare two",
                          REPORT_EXAMPLES)
@@ -128,6 +132,9 @@ SWEEP_EXAMPLES = """examples:
   # realtime under the Thor latency profile, naive and with real-time chunking (README "Speed"):
   libero-eval sweep configs/smoke.yaml latency=thor_trt_fp8 "policies=[{name: none, timing: [sync, realtime]},
       {name: none, label: rtc, timing: realtime, execution: rtc}]"
+  # on a Ray cluster (code shipped to the nodes, one policy replica per GPU): the plan first, then the run
+  libero-eval sweep configs/libero_spatial.yaml model.checkpoint=/ckpt/pi05_libero --address HEAD:6379 --dry-run
+  libero-eval sweep configs/libero_spatial.yaml model.checkpoint=/ckpt/pi05_libero --address HEAD:6379
 
 Interrupt (Ctrl-C) and rerun the same command to resume: stored episodes are skipped; a run directory made
 with a different config is refused with the differences listed.
@@ -228,6 +235,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from libero_eval.tracking import make_tracker  # see above
 
     out = Path(args.out or f"runs/{config.name}")
+    if args.dry_run:
+        return _dry_run(config, out)
     try:
         tracker = make_tracker(config, out)
     except ConfigError as exc:
@@ -245,7 +254,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              {v.label: v.param_dict for v in variants})
     baselines = pick_baselines({v.label: v.describe() for v in variants})
     rows = policy_rows(outcome.results, baselines)
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "actor": outcome.actor_stats}, indent=2, default=str))
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "actor": outcome.actor_stats,
+                                                  "utilisation": outcome.utilisation}, indent=2, default=str))
     tracker.finish(outcome.results, rows, baseline)
     print()
     print(format_table(rows, baselines))
@@ -253,10 +263,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print("\nNOTE: the model has random weights (model.kind=tiny): success rates mean nothing here and need "
               "a real checkpoint (model.kind=checkpoint). What differs between policies is above: decisions, "
               "reuse rate, latency, shadow deviation.")
-    stats = outcome.actor_stats
-    if stats:
-        print(f"\npolicy actor: {stats.get('requests', 0)} requests in {stats.get('batches', 0)} batches "
-              f"(mean batch {stats.get('mean_batch_size', 0):.2f})")
+    if outcome.utilisation:
+        print("\n" + format_utilisation(outcome.utilisation))
     print(f"{outcome.ran} episodes run, {outcome.retries} retried attempts, {outcome.wall_s:.0f} s; results in {out}")
     _write_report(out, "libero-eval sweep")
     if tracker.failure:
@@ -265,6 +273,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     elif config.wandb.enabled and config.wandb.mode == "offline":
         print(f"W&B (offline): {out / 'wandb'}; upload with `wandb sync {out / 'wandb'}/offline-run-*`")
     return 1 if any(r.status == "error" for r in outcome.results) else 0
+
+
+def _dry_run(config, out: Path) -> int:
+    import ray  # the cluster's resources, when joining one (the sweep module loaded it already)
+
+    from libero_eval import dry_run  # torch and the store: only the dry run needs them here
+    from libero_eval.sweep import plan_episodes  # see cmd_sweep
+
+    try:
+        if config.ray.address:
+            ray.init(address=config.ray.address, log_to_driver=False)
+            try:
+                resources = ray.cluster_resources()
+            finally:
+                ray.shutdown()
+        else:
+            resources = dry_run.local_resources(config)
+        print(dry_run.describe(config, out, resources, plan_episodes(config), dry_run.load_rates()))
+    except ConfigError as exc:
+        return fail("sweep", exc)
+    return 0
 
 
 def _write_report(run_dir: Path, prog: str, timelines: int | str | list[str] = 2) -> bool:

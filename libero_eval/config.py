@@ -46,6 +46,12 @@ class RayConfig:
     max_batch: int = 8
     batch_wait_ms: float = 5.0
     max_retries: int = 2  # infrastructure failures (worker died, GL, OOM) retried per episode
+    # policy actors serving the model: auto = one per GPU when they take GPUs (libero_eval/cluster.py), else one;
+    # each episode stays on one replica (its cache session lives there), new episodes go to the least loaded
+    policy_replicas: int | str = "auto"
+    ship_code: bool = True  # with `address`: the project's code reaches the nodes as Ray's working_dir
+    policy_timeout_s: float = 300.0  # a policy call unanswered this long: the replica is unavailable (retried)
+    start_timeout_s: float = 120.0  # a rollout worker not placed and started this long is dropped
 
 
 @dataclasses.dataclass
@@ -300,6 +306,12 @@ def validate(config: SweepConfig) -> None:
     r = config.ray
     if r.num_workers < 1 or r.max_batch < 1 or r.batch_wait_ms < 0 or r.max_retries < 0 or r.cpus_per_worker <= 0:
         raise ConfigError(f"ray: num_workers, max_batch >= 1, batch_wait_ms, max_retries >= 0, cpus_per_worker > 0; got {r}")
+    if r.policy_replicas != "auto" and (not isinstance(r.policy_replicas, int) or r.policy_replicas < 1):
+        raise ConfigError(f"ray.policy_replicas: expected a positive integer or auto (one per GPU), got "
+                          f"{r.policy_replicas!r}")
+    if r.policy_timeout_s <= 0 or r.start_timeout_s <= 0:
+        raise ConfigError(f"ray.policy_timeout_s and ray.start_timeout_s: expected seconds > 0, got "
+                          f"{r.policy_timeout_s!r} and {r.start_timeout_s!r}")
     if config.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode: expected offline, online or disabled, got {config.wandb.mode!r}")
     _check_served(config)

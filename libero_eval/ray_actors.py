@@ -1,20 +1,29 @@
-"""Ray actors: rollout workers (one LIBERO env each) and the policy actor, a thin transport around the
-serving core (policies/serving): it builds the engine from typed configs, starts its `Batcher` at start-up
-and stops it at shutdown, and runs every engine call (open, close, batches) on one engine thread, so the
-engine never sees two calls at once.
+"""Ray actors: rollout workers (one LIBERO env each) and the policy actors (replicas), a thin transport
+around the serving core (policies/serving): it builds the engine from typed configs, starts its `Batcher` at
+start-up and stops it at shutdown, and runs every engine call (open, close, batches) on one engine thread,
+so the engine never sees two calls at once.
+
+Rollout workers never see the run directory: an episode's video and recorded observations are written to
+the worker's own scratch directory and returned with its result as bytes; the driver alone writes the run
+directory (no shared filesystem needed on a cluster).
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 
+from libero_eval.cluster import egl_devices, node_gpus, render_device_env
 from libero_eval.episode import EpisodeConfig, PolicyUnavailable, run_episode
 from libero_eval.execution import LatencyModel
-from libero_eval.specs import EpisodeSpec
+from libero_eval.specs import EpisodeSpec, infra_error
 from policies.base import ActionChunk, Policy
 from policies.serving.core import ServingCore
 from policies.serving.engine import SessionLost
@@ -43,7 +52,24 @@ class PolicyActor:
         self.core = ServingCore(make_engine(model, variants, shadow=shadow, executed_steps=replan_steps), variants,
                                 max_batch, batch_wait_ms)
         self.engine, self.batcher = self.core.engine, self.core.batcher
+        self.model_config = model
         self.core.start()  # Ray runs an async actor's __init__ inside its event loop
+
+    async def describe(self) -> dict[str, Any]:
+        """Where this replica runs and on what: the sweep prints it (actor logs stay on the nodes)."""
+        module = getattr(self.engine, "model", None)
+        device = str(next(module.parameters()).device) if isinstance(module, torch.nn.Module) else "none (no model)"
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(), "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "cuda": torch.cuda.is_available(), "requested": self.model_config.device,
+                "warmup_ms": round(self.core.warmup_ms, 1), **self._backend()}
+
+    def _backend(self) -> dict[str, Any]:
+        stages = getattr(self.engine, "stages", None)
+        if stages is None or not hasattr(stages, "describe"):
+            return {"backend": "none", "fallbacks": {}}
+        info = stages.describe()
+        return {"backend": info.get("backend", "?"), "fallbacks": info.get("fallbacks", {})}
 
     async def open(self, session_id: str, label: str, seed: int, clock: dict[str, Any] | None = None) -> None:
         """`clock` (RealtimeClock.to_dict()): execution rtc variants only."""
@@ -70,13 +96,19 @@ class PolicyActor:
     async def pid(self) -> int:
         return os.getpid()
 
+    async def ping(self) -> int:
+        """Answered by the engine thread (after the batch it computes, if any): a replica whose event loop
+        answers but whose engine is stuck does not pass."""
+        return await self.core.run(os.getpid)
+
     async def state(self) -> dict[str, int]:
         """Requests being computed now and open sessions (answered while a batch computes: the engine runs
         in its own thread)."""
         return {"in_flight": self.batcher.in_flight, "sessions": self.engine.session_count()}
 
     async def stats(self) -> dict[str, Any]:
-        return self.core.stats()
+        """Batching and utilisation, and the backend's fallbacks to eager so far (what it could not run)."""
+        return {**self.core.stats(), "fallbacks": self._backend()["fallbacks"]}
 
 
 class RemotePolicy(Policy):
@@ -84,8 +116,10 @@ class RemotePolicy(Policy):
     Infrastructure failures are told apart by exception type, through Ray's wrapping: the actor died or
     restarts, or it no longer holds the session (a restarted actor) -> PolicyUnavailable (retried)."""
 
-    def __init__(self, actor, variant: PolicyVariant, clock: RealtimeClock | None = None):
+    def __init__(self, actor, variant: PolicyVariant, clock: RealtimeClock | None = None,
+                 timeout_s: float | None = None):
         self.actor = actor
+        self.timeout_s = timeout_s  # a call unanswered this long: the replica is unavailable (never wait forever)
         self.variant = variant
         self.clock = clock  # execution rtc: sent with every session open (a restarted actor gets it again)
         self.name = variant.name
@@ -94,9 +128,12 @@ class RemotePolicy(Policy):
 
     def _call(self, method, *args):
         try:
-            return ray.get(method.remote(*args))
+            return ray.get(method.remote(*args), timeout=self.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             raise PolicyUnavailable(f"policy actor unavailable: {type(exc).__name__}: {exc}") from exc
+        except ray.exceptions.GetTimeoutError as exc:
+            raise PolicyUnavailable(f"policy actor did not answer within {self.timeout_s:g} s "
+                                    "(ray.policy_timeout_s)") from exc
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, SessionLost):
                 raise PolicyUnavailable(f"policy session lost (the actor restarted?): {exc.cause}") from exc
@@ -118,19 +155,29 @@ class RemotePolicy(Policy):
         return self.variant.describe()
 
 
+SCRATCH_ROOT = Path(tempfile.gettempdir()) / f"libero-eval-scratch-{os.getuid()}"  # per user: not shared
+
+
 @ray.remote
 class RolloutWorker:
     """Owns one LIBERO env (created here, inside the actor's own process: one EGL context per process),
-    reused across episodes of the same task."""
+    reused across episodes of the same task. Episode files go to a scratch directory of this process and
+    come back as bytes with the result; scratch directories of dead workers on this node are removed."""
 
-    def __init__(self, env_config: EnvConfig, episode_config: EpisodeConfig, run_dir: str, policy_actor_name: str,
-                 variants: list[PolicyVariant]):
+    def __init__(self, env_config: EnvConfig, episode_config: EpisodeConfig, policy_actor_names: list[str],
+                 variants: list[PolicyVariant], index: int = 0, policy_timeout_s: float | None = None):
         os.environ.setdefault("MUJOCO_GL", "egl")
+        # before the first EGL context: which device this worker renders on (env.render_device)
+        env_vars, self.render_device = render_device_env(env_config.render_device, node_gpus(), index, egl_devices())
+        os.environ.update(env_vars)
         self.env_config = env_config
         self.settings = episode_config
-        self.run_dir = run_dir
-        # Looked up by name, not passed as a handle: constructor arguments must survive a restart.
-        self.policy_actor = ray.get_actor(policy_actor_name)
+        self.index = index
+        self.scratch = _fresh_scratch()
+        # Looked up by name, not passed as handles: constructor arguments must survive a restart.
+        self.policy_actor_names = list(policy_actor_names)
+        self.policy_actors: dict[int, Any] = {}
+        self.policy_timeout_s = policy_timeout_s
         self.variants = {v.label: v for v in variants}
         self.env = None
         self.env_key: tuple[str, int] | None = None
@@ -139,12 +186,26 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, spec: EpisodeSpec, attempt: int, latency: LatencyModel | None = None) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
+        return {"index": self.index, "pid": os.getpid(), "host": socket.gethostname(),
+                "node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+                "render_device": self.render_device}
+
+    def _replica(self, k: int):
+        if k not in self.policy_actors:
+            self.policy_actors[k] = ray.get_actor(self.policy_actor_names[k])
+        return self.policy_actors[k]
+
+    def run(self, spec: EpisodeSpec, attempt: int, latency: LatencyModel | None = None,
+            replica: int = 0) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """One episode on policy replica `replica`: (its result, its files: run-directory-relative path ->
+        bytes). The scratch directory is empty again afterwards."""
         key = (spec.suite, spec.task_id)
         if self.env_key != key:
             if self.env is not None:
                 self.env.close()
                 self.env = None
+            self.env_key = None  # until the new env exists
             self.env = LiberoEnv(registry.get_task(*key), self.env_config)  # raises: infrastructure
             self.env_key = key
             self.envs_created += 1
@@ -152,15 +213,59 @@ class RolloutWorker:
         clock = None
         if variant.execution.execution == "rtc":  # a modelled latency (PolicyVariant.make refuses measured)
             clock = RealtimeClock(latency, self.env.control_hz)
-        policy = RemotePolicy(self.policy_actor, variant, clock)
-        result = run_episode(spec, self.env, policy, self.settings, run_dir=self.run_dir,
-                             execution=variant.execution, latency=latency)
+        try:
+            actor = self._replica(replica)
+        except ValueError as exc:  # the replica is gone for good (out of restarts): not this episode's fault
+            return infra_error(spec, "policy_unavailable", exc, attempt).to_dict(), {}
+        policy = RemotePolicy(actor, variant, clock, self.policy_timeout_s)
+        try:
+            result = run_episode(spec, self.env, policy, self.settings, run_dir=self.scratch,
+                                 execution=variant.execution, latency=latency)
+            files = {str(p.relative_to(self.scratch)): p.read_bytes()
+                     for p in sorted(self.scratch.rglob("*")) if p.is_file()}
+        finally:
+            _empty(self.scratch)
         result.attempt = attempt
         result.env_stats["worker_pid"] = os.getpid()
+        result.env_stats["worker"] = self.index
+        result.env_stats["replica"] = replica
+        result.env_stats["node"] = ray.get_runtime_context().get_node_id()[:12]
         result.env_stats["envs_created"] = self.envs_created
-        return result.to_dict()
+        return result.to_dict(), files
 
     def close(self) -> None:
         if self.env is not None:
             self.env.close()
             self.env = None
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _fresh_scratch() -> Path:
+    """This process's scratch directory, <tmp>/libero-eval-scratch/<pid>, after removing those of processes
+    that no longer run (a killed worker's partial files)."""
+    SCRATCH_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for old in SCRATCH_ROOT.iterdir():
+        if old.name.isdigit() and not _alive(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = SCRATCH_ROOT / str(os.getpid())
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _empty(path: Path) -> None:
+    for child in path.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime, timezone
 from typing import Any
 
 from libero_eval.seeding import episode_seed
@@ -62,7 +63,7 @@ class EpisodeResult:
     video: str | None = None  # path relative to the run directory
     video_frames: int = 0
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one per inference
-    env_stats: dict[str, float] = dataclasses.field(default_factory=dict)
+    env_stats: dict[str, Any] = dataclasses.field(default_factory=dict)  # seconds and counts; worker, replica, node
     policy: dict[str, Any] = dataclasses.field(default_factory=dict)
     attempt: int = 1
     finished_at: str = ""
@@ -81,3 +82,13 @@ class EpisodeResult:
     def from_dict(cls, data: dict[str, Any]) -> "EpisodeResult":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def infra_error(spec: EpisodeSpec, reason: str, exc: BaseException, attempt: int) -> EpisodeResult:
+    """The result of an attempt the infrastructure failed (`reason` one of store.INFRA_REASONS): retried."""
+    return EpisodeResult(
+        key=spec.key, suite=spec.suite, task_id=spec.task_id, task_name="", trial=spec.trial, repeat=spec.repeat,
+        policy_label=spec.policy_label, seed=spec.seed, status="error", success=False, reason=reason, steps=0,
+        wall_s=0.0, error=f"{type(exc).__name__}: {exc}", attempt=attempt,
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )

@@ -33,6 +33,7 @@ from tasks.registry import TaskInfo
 
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 SEEDINGS = ("openpi", "per_episode")
+RENDER_DEVICES = ("auto", "gpu", "cpu")  # env.render_device (libero_eval/cluster.py applies it)
 
 
 class RenderError(RuntimeError):
@@ -51,10 +52,16 @@ class EnvConfig:
     # openpi: each trial's fixtures where openpi's evaluation puts them (tasks/layout.py); per_episode:
     # env.seed(paired episode seed) before each reset (libero-eval's protocol before openpi layouts)
     seeding: str = "openpi"
+    # where a rollout worker's EGL renders (libero_eval/cluster.py): auto = a GPU of its node when it has any,
+    # spread over them, else the default EGL device; gpu = require one; cpu = Mesa's software EGL (keeps
+    # rendering off the model's GPU). GPU and Mesa rasterisers differ in pixels: compare runs of one setting.
+    render_device: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or not 32 <= self.resolution <= 1024:
             raise ValueError(f"resolution: expected an integer camera size in 32..1024 pixels, got {self.resolution!r}")
+        if self.render_device not in RENDER_DEVICES:
+            raise ValueError(f"render_device: expected one of {', '.join(RENDER_DEVICES)}, got {self.render_device!r}")
         if self.seeding not in SEEDINGS:
             raise ValueError(f"seeding: expected one of {', '.join(SEEDINGS)}, got {self.seeding!r}")
         if self.seeding == "openpi" and not self.hard_reset:

@@ -103,10 +103,10 @@ def test_a_stored_config_from_before_a_new_option_still_resumes():
 
 
 def test_cli_sweep_rejects_bad_config_before_ray(capsys, monkeypatch):
-    import libero_eval.sweep as sweep
+    import libero_eval.cluster as cluster
     from libero_eval import cli
 
-    monkeypatch.setattr(sweep, "init_ray", lambda *a: pytest.fail("Ray started for a bad config"))
+    monkeypatch.setattr(cluster, "init_ray", lambda *a: pytest.fail("Ray started for a bad config"))
     assert cli.main(["sweep", str(CONFIGS / "smoke.yaml"), "policies=[{name: cache_me}]"]) == 2
     assert "unknown policy 'cache_me'" in capsys.readouterr().err
 
@@ -158,14 +158,14 @@ def test_repeats_are_paired_across_variants_and_repeat_zero_keeps_todays_seeds()
 def test_the_policy_actor_is_placed_from_the_clusters_resources_not_the_drivers():
     """model.device against what the Ray cluster offers (logical resources: no real GPU needed): cpu never
     reserves a GPU, auto takes one when the cluster has one, cuda on a cluster without one is refused."""
-    from libero_eval.sweep import policy_placement  # the sweep module loads Ray: this test only
+    from libero_eval.cluster import policy_placement  # the cluster module loads Ray: this test only
 
     def config(device: str, *extra: str):
         return load_config(None, ["model.kind=tiny", f"model.device={device}", *extra])
 
     gpu_cluster, cpu_cluster = {"CPU": 16.0, "GPU": 8.0}, {"CPU": 4.0}
     opts, line = policy_placement(config("auto"), gpu_cluster)
-    assert opts == {"num_gpus": 1, "num_cpus": 1} and "one GPU" in line and "8 GPUs" in line
+    assert opts == {"num_gpus": 1, "num_cpus": 1} and "one GPU each" in line and "8 GPUs" in line
     assert policy_placement(config("cpu"), gpu_cluster)[0] == {"num_cpus": 0.5}  # no GPU reserved
     assert policy_placement(config("auto"), cpu_cluster)[0] == {"num_cpus": 0.5}
     with pytest.raises(ConfigError, match="model.device: cuda, but the Ray cluster has 4 CPUs and 0 GPUs"):

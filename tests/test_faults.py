@@ -19,6 +19,7 @@ import pytest
 import ray
 
 from libero_eval.config import load_config
+from libero_eval.ray_actors import SCRATCH_ROOT
 from libero_eval.store import ResultStore
 from libero_eval.sweep import plan_episodes, run_sweep
 from tests.helpers import read_results
@@ -96,19 +97,31 @@ def test_sigkill_rollout_worker_mid_episode(tmp_path):
 
     def kill_worker(workers, policy_actor):
         def run():
-            pid = ray.get(workers[0].pid.remote())
-            # mid-episode: its video is being written (the episode is past reset and its settle steps)
-            wait_for(lambda: list((out / "videos").glob("*.partial.mp4")), 120, "an episode in progress", 0.05)
+            pid = wait_for(lambda: _pid(workers[0]), 120, "the rollout worker")
+            # mid-episode: its video is being written in the worker's own scratch directory, never in the run
+            # directory (the driver alone writes that)
+            wait_for(lambda: list((SCRATCH_ROOT / str(pid) / "videos").glob("*.partial.mp4")), 120,
+                     "an episode in progress", 0.05)
+            assert not (out / "videos").exists() or not list((out / "videos").iterdir())
             os.kill(pid, signal.SIGKILL)
             return pid
 
         joins.append(on_thread(run))
 
     outcome = run_sweep(config, out, progress=False, on_start=kill_worker)
-    joins[0]()
+    killed = joins[0]()
     rows = assert_nothing_lost(out, config)
     assert [a["reason"] for a in attempts(out)] == ["worker_died"]
     assert sorted(r["attempt"] for r in rows) == [1, 2] and outcome.retries == 1
+    # the killed attempt left no file: its scratch directory went when the replacement worker started
+    assert not (SCRATCH_ROOT / str(killed)).exists()
+
+
+def _pid(worker):
+    try:
+        return ray.get(worker.pid.remote(), timeout=5)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
 
 
 def test_sigkill_policy_actor_inside_and_between_queries(tmp_path):

@@ -26,12 +26,15 @@ class Batcher:
         self.handle, self.max_batch, self.wait_s, self.executor = handle, max_batch, batch_wait_ms / 1e3, executor
         self.sizes: Counter[int] = Counter()  # batch size -> batches served (bounded: at most max_batch keys)
         self.in_flight = 0  # requests inside the handler right now (0 between batches)
+        self.busy_s = 0.0  # wall time inside the handler (the engine computing), for utilisation
+        self.started_at: float | None = None
         self._current: list = []  # the batch being collected or computed
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
+        self.started_at = time.perf_counter()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
@@ -66,6 +69,7 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             self.in_flight = len(batch)
+            t0 = time.perf_counter()
             try:
                 results = await asyncio.get_running_loop().run_in_executor(
                     self.executor, self.handle, [item for item, _, _ in batch])
@@ -75,6 +79,7 @@ class Batcher:
                 results = [exc] * len(batch)
             finally:
                 self.in_flight = 0
+                self.busy_s += time.perf_counter() - t0
             self.sizes[len(batch)] += 1
             for (_, future, _), result in zip(batch, results):
                 if future.done():  # the caller went away
@@ -87,5 +92,8 @@ class Batcher:
     def stats(self) -> dict[str, Any]:
         batches = sum(self.sizes.values())
         requests = sum(size * n for size, n in self.sizes.items())
+        up = time.perf_counter() - self.started_at if self.started_at is not None else 0.0
         return {"requests": requests, "batches": batches, "mean_batch_size": requests / batches if batches else 0.0,
-                "max_batch_size": max(self.sizes, default=0), "batch_sizes": dict(sorted(self.sizes.items()))}
+                "max_batch_size": max(self.sizes, default=0), "batch_sizes": dict(sorted(self.sizes.items())),
+                "busy_s": round(self.busy_s, 3), "uptime_s": round(up, 3),
+                "busy_fraction": round(self.busy_s / up, 4) if up > 0 else 0.0}
