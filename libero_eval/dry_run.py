@@ -1,15 +1,18 @@
 """`libero-eval sweep CONFIG --dry-run`: the plan (episodes, actors, resources) and an estimate of the wall
 time, before anything runs.
 
-The estimate is a bound from measured rates, not a promise:
+The estimate comes from measured rates, not a promise:
 - env: reset and one env step of the LIBERO env on this kind of machine (lazy rendering), from
   `benchmarks/results/rates.json` (written by `benchmarks/bench_sweep.py`);
 - policy: one query's median latency at batch 1 on CPU for the model (same file), or a named latency
   profile's full-frame cost for replicas on GPUs;
-- steps: every episode runs to `max_steps` (episodes that succeed end earlier: a bound from above), unless
-  the run directory already holds results: then their measured mean steps and episode wall times.
-wall >= max(env + policy CPU work / cores, episodes x episode time / workers, policy work / replicas),
-divided by the sweep efficiency bench_sweep measured (Ray, video encoding, env creation).
+- steps: every episode runs to `max_steps` (episodes that succeed end earlier), unless the run directory
+  already holds results: then their measured mean steps;
+- shadow mode: a cache variant's frames also run the full path (counted twice).
+wall ~ max(env + policy CPU work / cores, episodes x episode time / workers, policy work / replicas),
+divided by the sweep efficiency bench_sweep measured (Ray, video encoding, env creation). On this machine
+it said 58 min for configs/small_heldout_seeds.yaml, which took 66 min (CPU contention slows env steps
+beyond the solo rate).
 """
 from __future__ import annotations
 
@@ -87,7 +90,9 @@ def estimate(config: SweepConfig, plan: cluster.Plan, resources: dict[str, float
     on_gpu = "num_gpus" in plan.replica_options
     query_s, source = _query_seconds(config, rates, on_gpu)
     env_work = sum(env["reset_s"] + n * env["env_step_s"] for n in steps)
-    policy_work = sum(n * queries_per_step for n in steps) * query_s
+    shadowed = {v.label for v in config.variants() if config.episode.shadow and v.name != "none"}
+    policy_work = sum(n * queries_per_step * (2 if s.policy_label in shadowed else 1)
+                      for n, s in zip(steps, todo)) * query_s
     episode_s = (env_work + policy_work) / len(todo)
     cpu_work = env_work + (0.0 if on_gpu else policy_work)
     cores = resources.get("cores", resources.get("CPU", 1.0))  # physical cores (local), else Ray's CPUs
@@ -97,10 +102,9 @@ def estimate(config: SweepConfig, plan: cluster.Plan, resources: dict[str, float
     efficiency = rates.get("sweep_efficiency") or 1.0
     wall = max(bounds.values()) / efficiency
     if stored:
-        measured = sum(r.wall_s for r in stored) / len(stored)
-        basis = f"this run's {len(stored)} stored episodes: mean {mean_steps:.0f} steps, {measured:.1f} s of episode time"
+        basis = f"this run's {len(stored)} stored episodes: mean {mean_steps:.0f} steps"
     else:
-        basis = "every episode to max_steps (a bound: successes end earlier)"
+        basis = "every episode to max_steps: successes end earlier"
     bound = max(bounds, key=bounds.get)
     return [f"  estimate: ~{_minutes(wall)} of wall time, {len(todo) / wall * 3600:.0f} episodes/h "
             f"(bound by {bound}; {basis})",

@@ -60,7 +60,8 @@ class PolicyActor:
         module = getattr(self.engine, "model", None)
         device = str(next(module.parameters()).device) if isinstance(module, torch.nn.Module) else "none (no model)"
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
-                "node_id": ray.get_runtime_context().get_node_id(), "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "node_id": ray.get_runtime_context().get_node_id(), "device": device,
+                "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "cuda": torch.cuda.is_available(), "requested": self.model_config.device,
                 "warmup_ms": round(self.core.warmup_ms, 1), **self._backend()}
 

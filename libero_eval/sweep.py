@@ -198,8 +198,9 @@ class _Driver:
         for k, actor in enumerate(self.policy_actors):
             _wait_started(actor)
             d = ray.get(actor.describe.remote(), timeout=60)
-            print(f"policy replica {k}: {d['host']} ({d['node_ip']}), model on {d['device']} ({d['backend']} "
-                  f"backend), {d['threads']} torch threads, torch {d['torch']}, warm-up {d['warmup_ms']:.0f} ms")
+            serving = (f"model on {d['device']} ({d['backend']} backend), {d['threads']} torch threads, torch "
+                       f"{d['torch']}, warm-up {d['warmup_ms']:.0f} ms") if d["backend"] != "none" else "no model"
+            print(f"policy replica {k}: {d['host']} ({d['node_ip']}), {serving}")
 
     def start_worker(self, i: int) -> None:
         self.starts[i] += 1
