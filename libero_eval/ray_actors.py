@@ -242,7 +242,7 @@ class RolloutWorker:
 
 
 def _fresh_scratch() -> Path:
-    """This process's scratch directory, <tmp>/libero-eval-scratch/<pid>, after removing those of processes
+    """This process's scratch directory, <tmp>/libero-eval-scratch-<uid>/<pid>, after removing those of processes
     that no longer run (a killed worker's partial files)."""
     SCRATCH_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
     for old in SCRATCH_ROOT.iterdir():

@@ -252,7 +252,7 @@ def test_attention_from_a_recorded_evaluation_equals_the_inline_maps(compiled):
             assert len(routed.attention) == 1 and torch.equal(routed.attention[0][last], inline.attention[0][last])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+@pytest.mark.gpu  # CUDA graph capture: skipped without CUDA (tests/conftest.py)
 def test_cuda_graph_path_of_attention_readers_replays_the_plain_graph():
     """On CUDA: an attention-reading full frame is the plain run's graph replay (its actions bit for bit) and
     its maps match those of the uncaptured loop's read evaluation, replay after replay (static buffers)."""
