@@ -127,7 +127,8 @@ def sizing(rates: dict, replan_steps: int = 5, max_batch: int = 8) -> list[dict]
     """Workers and replicas for a node. A worker alternates `replan_steps` env steps (CPU: Mesa rendering)
     with one policy query; a replica answers up to `max_batch` queries per batch. Workers per node: enough
     to keep the cores busy while queries are out; replicas: one per GPU (else one CPU replica, which shares
-    the cores). GPU rows assume a batch of 8 costs 2x a batch of 1 (an assumption, not a measurement)."""
+    the cores). GPU rows assume a batch of 8 costs 2x a batch of 1 (an assumption, not a measurement); their
+    episodes/h use the batch-1 latency, an upper bound."""
     env_s = replan_steps * rates["env_step_s"]
     rows = []
     cpu_q = rates["policy_query_ms"]["pi05_small_spatial01"] / 1e3
