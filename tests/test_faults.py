@@ -124,7 +124,7 @@ def _pid(worker):
         return None
 
 
-def test_sigkill_policy_actor_inside_and_between_queries(tmp_path):
+def test_sigkill_policy_actor_inside_and_between_queries(tmp_path, capsys):
     """The shipped small Pi0.5 behind the policy actor, serving an RTC variant (its sessions hold the chunk in
     flight and the realtime clock sent with each open). First kill: while a batch is being computed; second,
     after Ray restarted it: between two queries, sessions open (the next query finds its session gone). The
@@ -156,6 +156,8 @@ def test_sigkill_policy_actor_inside_and_between_queries(tmp_path):
     run_sweep(config, out, progress=False, on_start=kill_actor)
     joins[0](timeout=300)
     assert [k[0] for k in kills] == ["inside", "between"] and kills[0][1] != kills[1][1]
+    # the replica left the rotation and a probe through its engine thread brought it back after each kill
+    assert capsys.readouterr().out.count("policy replica 0 answers again") >= 1
     assert_nothing_lost(out, config)
     retried = attempts(out)
     assert retried and {a["reason"] for a in retried} == {"policy_unavailable"}, retried
