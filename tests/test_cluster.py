@@ -13,7 +13,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from libero_eval import sweep
+from libero_eval import driver
 from libero_eval.config import ConfigError, load_config
 from libero_eval.sweep import run_sweep
 from tests.test_faults import assert_nothing_lost, attempts, on_thread, wait_for
@@ -67,8 +67,8 @@ def test_a_worker_node_removed_mid_sweep_loses_nothing_and_the_driver_alone_writ
     out = tmp_path / "multinode"
     config = load_config(CONFIGS / "hold_smoke.yaml", [
         "trials=3", "max_steps=30", f"ray.address={c.address}", "ray.start_timeout_s=60", "episode.video=query"])
-    spy = _Spy(sweep.RolloutWorker)
-    monkeypatch.setattr(sweep, "RolloutWorker", spy)
+    spy = _Spy(driver.RolloutWorker)
+    monkeypatch.setattr(driver, "RolloutWorker", spy)
     removed: dict = {}
     joins = []
 

@@ -148,7 +148,7 @@ def test_sweep_table_keeps_its_columns_and_numbers():
 
 
 def test_progress_text_fits_an_80_column_terminal():
-    from libero_eval.sweep import _progress_text
+    from libero_eval.driver import _progress_text
 
     counts = {"adaptive_pixel_mae6.5_window3": [1, 2], "fixed_window_window2": [0, 2], "none": [2, 2]}
     assert _progress_text(counts, 200) == "adaptive_pixel_mae6.5_window3 1/2 | fixed_window_window2 0/2 | none 2/2"
