@@ -3,16 +3,19 @@
 1. Solo rates: a 1-worker sweep of the near-zero-cost `hold` policy, nothing else running: env reset and
    env step times uncontended (the "ideal" below is built from these, so CPU contention between workers
    cannot inflate it).
-2. Sweep efficiency: hold sweeps of 16 and 48 episodes with 2 and 3 workers on this machine's cores:
-   efficiency = ideal / wall, ideal = sum over episodes of (solo reset + steps x solo step) / cores. Each
-   sweep's utilisation (env-busy per worker, episodes/h) comes from its summary.
+2. Sweep efficiency: hold sweeps of 16 and 48 episodes with 2 and 3 workers on this machine's cores, with
+   short episodes (20 steps: per-episode costs weigh most) and full-length ones (220 steps, libero_spatial's
+   limit), and once with `ray.worker_queue=1` (no episode queued ahead at a worker) to show what the queue
+   saves: efficiency = ideal / wall, ideal = sum over episodes of (solo reset + steps x solo step) / cores.
+   Each sweep's utilisation (env-busy per worker, episodes/h) comes from its summary.
 3. Policy queries: median latency of one query at batch 1 on CPU through the policy actor, per model
    (the shipped small Pi0.5, the tiny one), and a Ray round trip; actor throughput with 1-8 clients.
 4. Sizing: for a node with C cores and G GPUs, rollout workers and policy replicas, from the measured env
    rates and policy costs; GPU rows from published Pi0.5 latencies (on paper, labelled so).
 Writes benchmarks/results/sweep.json, benchmarks/results/rates.json (what `libero-eval sweep --dry-run`
 estimates from) and benchmarks/results/sizing.md.
-Run: .venv/bin/python -m benchmarks.bench_sweep [--sizes 16 48] [--workers 2 3] [--skip-sweep]
+Run: .venv/bin/python -m benchmarks.bench_sweep [--sizes 16 48] [--workers 2 3] [--lengths 20 220]
+     [--skip-sweep] [--model-sweeps]
 """
 from __future__ import annotations
 
@@ -54,9 +57,9 @@ def observation(seed: int = 0) -> dict:
     }
 
 
-def hold_sweep(trials: int, workers: int, max_steps: int = 20) -> tuple[Any, float]:
+def hold_sweep(trials: int, workers: int, max_steps: int = 20, queue: int = 2) -> tuple[Any, float]:
     config = load_config(ROOT / "configs" / "hold_smoke.yaml", [f"trials={trials}", f"max_steps={max_steps}",
-                                                                 f"ray.num_workers={workers}"])
+                                                                 f"ray.num_workers={workers}", f"ray.worker_queue={queue}"])
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         outcome = run_sweep(config, Path(tmp) / "sweep", progress=False)
@@ -89,12 +92,13 @@ def solo_rates() -> dict:
             "episodes": len(stats), "steps": steps}
 
 
-def sweep_efficiency(episodes: int, workers: int, solo: dict) -> dict:
-    outcome, wall = hold_sweep(episodes // 2, workers)
+def sweep_efficiency(episodes: int, workers: int, solo: dict, max_steps: int = 20, queue: int = 2) -> dict:
+    outcome, wall = hold_sweep(episodes // 2, workers, max_steps, queue)
     cores = os.cpu_count() or 1
     ideal = sum(solo["reset_s"] + r.env_stats["steps"] * solo["env_step_s"] for r in outcome.results) / min(cores, workers)
     u = outcome.utilisation
-    return {"episodes": len(outcome.results), "workers": workers, "cores": cores, "wall_s": round(wall, 2),
+    return {"episodes": len(outcome.results), "max_steps": max_steps, "workers": workers, "worker_queue": queue,
+            "cores": cores, "wall_s": round(wall, 2),
             "ideal_s": round(ideal, 2), "efficiency": round(ideal / wall, 4), "episodes_per_hour": u["episodes_per_hour"],
             "env_busy": [w["env_busy"] for w in u["workers"]], "replica_busy": u["replicas"][0].get("busy_fraction")}
 
@@ -208,6 +212,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 48], help="episodes per efficiency sweep (2 tasks)")
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 3], help="worker counts to compare")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[20, 220], help="steps per hold episode")
     parser.add_argument("--requests", type=int, default=24, help="requests per client count")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--model-sweeps", action="store_true",
@@ -225,8 +230,10 @@ def main() -> None:
              "round_trip_ms": rt["hold_infer_ms_median"]}
     if not args.skip_sweep:
         rates["env"] = solo = solo_rates()
-        out["sweeps"] = sweeps = [sweep_efficiency(n, w, solo) for n in args.sizes for w in args.workers]
-        largest = [s for s in sweeps if s["episodes"] == max(args.sizes)]
+        out["sweeps"] = sweeps = [sweep_efficiency(n, w, solo, steps) for steps in args.lengths
+                                  for n in args.sizes for w in args.workers]
+        sweeps.append(sweep_efficiency(max(args.sizes), min(args.workers), solo, min(args.lengths), queue=1))
+        largest = [s for s in sweeps if s["episodes"] == max(args.sizes) and s["max_steps"] == max(args.lengths)]
         best = max(largest, key=lambda s: s["efficiency"])
         rates["sweep_efficiency"] = best["efficiency"]
         rates["best_workers_per_core"] = best["workers"] / best["cores"]
@@ -246,10 +253,11 @@ def main() -> None:
         print(f"{r['clients']:>7} {r['requests']:>8} {r['throughput_rps']:>7.2f} {r['mean_batch_size']:>10.2f}")
     if not args.skip_sweep:
         print(f"\nsolo rates (1 worker): reset {solo['reset_s']:.2f} s, env step {solo['env_step_s'] * 1e3:.1f} ms")
-        lines = ["| episodes | workers / cores | wall s | ideal s | efficiency | episodes/h | env busy per worker | replica busy |",
-                 "|---|---|---|---|---|---|---|---|"]
+        lines = ["| episodes x steps | workers / cores | worker queue | wall s | ideal s | efficiency | episodes/h | "
+                 "env busy per worker | replica busy |", "|---|---|---|---|---|---|---|---|---|"]
         for s in sweeps:
-            lines.append(f"| {s['episodes']} | {s['workers']} / {s['cores']} | {s['wall_s']:.0f} | {s['ideal_s']:.0f} | "
+            lines.append(f"| {s['episodes']} x {s['max_steps']} | {s['workers']} / {s['cores']} | {s['worker_queue']} | "
+                         f"{s['wall_s']:.0f} | {s['ideal_s']:.0f} | "
                          f"{s['efficiency']:.0%} | {s['episodes_per_hour']:.0f} | "
                          f"{', '.join(f'{b:.0%}' for b in s['env_busy'])} | {s['replica_busy']:.1%} |")
         if args.model_sweeps:

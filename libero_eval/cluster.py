@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from libero_eval.config import ConfigError, SweepConfig
 from tasks.env import RENDER_DEVICES
@@ -72,8 +73,10 @@ def policy_placement(config: SweepConfig, cluster: dict[str, float]) -> tuple[di
     return on_cpu, f"policy actor: CPU (model.device: auto and {have})"
 
 
-def plan_cluster(config: SweepConfig, cluster: dict[str, float], episodes: int) -> Plan:
-    """Replicas and workers for `episodes` episodes on a cluster with `cluster`'s resources.
+def plan_cluster(config: SweepConfig, cluster: dict[str, float], episodes: int,
+                 nodes: list[dict] | None = None) -> Plan:
+    """Replicas and workers for `episodes` episodes on a cluster with `cluster`'s resources (`nodes`:
+    `ray.nodes()`, for `env.render_device: gpu`, whose workers only GPU nodes take).
 
     Replicas: `ray.policy_replicas` (auto: one per GPU when they take GPUs, else one). Workers:
     `ray.num_workers`, fewer when the cluster cannot place them all beside the replicas (a resume on a
@@ -93,7 +96,12 @@ def plan_cluster(config: SweepConfig, cluster: dict[str, float], episodes: int) 
         raise ConfigError(f"ray.policy_replicas: {replicas} replicas take a GPU each, but the Ray cluster has "
                           f"{gpus:g} GPUs: use auto or at most {int(gpus)}")
     lines = [line, how]
-    free = cpus - replicas * options.get("num_cpus", 0.0)
+    if config.env.render_device == "gpu" and nodes is not None:  # its workers go to GPU nodes only
+        cpus = sum(n.get("Resources", {}).get("CPU", 0.0) for n in _gpu_nodes(nodes))
+        # replicas on GPUs sit on those nodes too; CPU replicas may sit anywhere (not counted there)
+        free = cpus - (replicas * options.get("num_cpus", 0.0) if on_gpu else 0.0)
+    else:
+        free = cpus - replicas * options.get("num_cpus", 0.0)
     fit = int(math.floor(free / r.cpus_per_worker + 1e-9)) if free > 0 else 0
     workers = min(r.num_workers, episodes) if episodes else 0
     if episodes and fit < 1:
@@ -101,7 +109,9 @@ def plan_cluster(config: SweepConfig, cluster: dict[str, float], episodes: int) 
                           f"{replicas * options.get('num_cpus', 0.0):g} and no rollout worker "
                           f"(ray.cpus_per_worker={r.cpus_per_worker:g}) fits beside them")
     if workers > fit:
-        lines.append(f"rollout workers: {fit} of ray.num_workers={r.num_workers} (the cluster has {cpus:g} CPUs; "
+        where = ("the cluster's GPU nodes (env.render_device: gpu) have" if config.env.render_device == "gpu"
+                 and nodes is not None else "the cluster has")
+        lines.append(f"rollout workers: {fit} of ray.num_workers={r.num_workers} ({where} {cpus:g} CPUs; "
                      f"each worker takes {r.cpus_per_worker:g}, the replicas {replicas * options.get('num_cpus', 0):g})")
         workers = fit
     return Plan(replicas, options, workers, r.cpus_per_worker, tuple(lines))
@@ -181,10 +191,30 @@ def check_render_device(config: SweepConfig, cluster: dict[str, float]) -> None:
                           "auto or cpu")
 
 
-def worker_options(config: SweepConfig, index: int) -> dict[str, Any]:
-    """Ray options of rollout worker `index`: its CPUs, spread over the nodes, and for `render_device: cpu`
-    the environment that makes EGL render on the CPU (set before the process loads libEGL)."""
+def _gpu_nodes(nodes: list[dict]) -> list[dict]:
+    return [n for n in nodes if n.get("Alive") and n.get("Resources", {}).get("GPU", 0.0) >= 1]
+
+
+def gpu_node_room(nodes: list[dict], cpus_per_worker: float) -> dict[str, int]:
+    """Alive nodes with a GPU (from `ray.nodes()`) -> how many rollout workers their CPUs hold: where
+    `env.render_device: gpu` workers may go."""
+    return {n["NodeID"]: int(math.floor(n.get("Resources", {}).get("CPU", 0.0) / cpus_per_worker + 1e-9))
+            for n in _gpu_nodes(nodes)}
+
+
+def pick_node(room: dict[str, int], assigned: dict[str, int]) -> str | None:
+    """The node with the most room left for one more worker (ties: the lowest id); None when all are full."""
+    left = {n: c - assigned.get(n, 0) for n, c in room.items() if c - assigned.get(n, 0) > 0}
+    return max(sorted(left), key=lambda n: left[n]) if left else None
+
+
+def worker_options(config: SweepConfig, index: int, node_id: str | None = None) -> dict[str, Any]:
+    """Ray options of rollout worker `index`: its CPUs, spread over the nodes (or on node `node_id` only:
+    `render_device: gpu` keeps workers to GPU nodes), and for `render_device: cpu` the environment that
+    makes EGL render on the CPU (set before the process loads libEGL)."""
     opts: dict[str, Any] = {"num_cpus": config.ray.cpus_per_worker, "scheduling_strategy": "SPREAD"}
+    if node_id is not None:
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
     if config.env.render_device == "cpu":
         opts["runtime_env"] = {"env_vars": cpu_render_env()}
     return opts

@@ -52,6 +52,9 @@ class RayConfig:
     ship_code: bool = True  # with `address`: the project's code reaches the nodes as Ray's working_dir
     policy_timeout_s: float = 300.0  # a policy call unanswered this long: the replica is unavailable (retried)
     start_timeout_s: float = 120.0  # a rollout worker not placed and started this long is dropped
+    # episodes handed to each rollout worker at once: 2 = the next one waits in the worker's own queue, so it
+    # starts without a round trip through the driver; 1 = one at a time (the last episodes never queue)
+    worker_queue: int = 2
 
 
 @dataclasses.dataclass
@@ -306,6 +309,9 @@ def validate(config: SweepConfig) -> None:
     r = config.ray
     if r.num_workers < 1 or r.max_batch < 1 or r.batch_wait_ms < 0 or r.max_retries < 0 or r.cpus_per_worker <= 0:
         raise ConfigError(f"ray: num_workers, max_batch >= 1, batch_wait_ms, max_retries >= 0, cpus_per_worker > 0; got {r}")
+    if isinstance(r.worker_queue, bool) or not isinstance(r.worker_queue, int) or r.worker_queue < 1:
+        raise ConfigError(f"ray.worker_queue: expected a positive integer (episodes handed to a worker at once), "
+                          f"got {r.worker_queue!r}")
     if r.policy_replicas != "auto" and (not isinstance(r.policy_replicas, int) or r.policy_replicas < 1):
         raise ConfigError(f"ray.policy_replicas: expected a positive integer or auto (one per GPU), got "
                           f"{r.policy_replicas!r}")

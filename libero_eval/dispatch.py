@@ -124,6 +124,22 @@ class Utilisation:
                 "workers": workers, "replicas": replicas}
 
 
+def utilisation_values(u: dict[str, Any]) -> dict[str, float]:
+    """A sweep's utilisation as flat numbers (`sweep/*` in each variant's W&B summary): episodes/h, env-busy
+    fraction mean and min over the workers, each replica's busy fraction, mean batch and requests."""
+    if not u:
+        return {}
+    busy = [w["env_busy"] for w in u.get("workers") or []]
+    out = {"sweep/episodes_per_hour": u.get("episodes_per_hour"), "sweep/wall_s": u.get("wall_s"),
+           "sweep/workers": len(busy), "sweep/replicas": len(u.get("replicas") or [])}
+    if busy:
+        out.update({"sweep/env_busy_mean": round(sum(busy) / len(busy), 4), "sweep/env_busy_min": min(busy)})
+    for k, r in enumerate(u.get("replicas") or []):
+        for key in ("busy_fraction", "mean_batch_size", "requests"):
+            out[f"sweep/replica{k}/{key}"] = (r or {}).get(key)
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def format_utilisation(u: dict[str, Any]) -> str:
     """Lines for the sweep's output: episodes per hour, each worker's env-busy fraction, each replica's
     requests, mean batch and busy fraction."""

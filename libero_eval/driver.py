@@ -61,7 +61,8 @@ class SweepDriver:
         self.by_label = {v.label: v for v in self.variants}
         resources = ray.cluster_resources()
         cluster.check_render_device(config, resources)
-        self.plan = cluster.plan_cluster(config, resources, len(todo))
+        self.on_gpu_nodes = config.env.render_device == "gpu"  # workers kept to nodes with a GPU
+        self.plan = cluster.plan_cluster(config, resources, len(todo), ray.nodes() if self.on_gpu_nodes else None)
         for line in self.plan.lines:
             print(line)
         self.model = cluster.shipped_model(config, shipped)
@@ -77,12 +78,19 @@ class SweepDriver:
         self.worker_task: dict[int, tuple[str, int] | None] = {}
         self.starting: dict[int, float] = {}  # slot -> when its actor was created (not yet ready)
         self.starts: dict[int, int] = defaultdict(int)  # actors created per slot
+        self.worker_node: dict[int, str] = {}  # slot -> the GPU node its actor was put on (render_device: gpu)
+        self.node_misses: dict[str, int] = defaultdict(int)  # GPU node -> workers it did not start in time
         self.idle: set[int] = set()  # ready workers without an episode (none left now, or no healthy replica)
-        # object ref -> ("episode", i, spec, attempt, k) | ("start", i, actor) | ("probe", k)
+        # object ref -> ("episode", i, spec, attempt, k, actor) | ("start", i, actor) | ("probe", k)
         self.pending: dict[Any, tuple] = {}
+        # slot -> its current actor's episodes in submission order (an actor runs them one at a time, in order:
+        # the first has started, the rest wait in the actor's queue, `ray.worker_queue` at most)
+        self.queues: dict[int, list] = defaultdict(list)
+        self.queue_of: dict[Any, list] = {}  # episode ref -> the queue it was put in (its actor's)
+        self.unstarted: set = set()  # episode refs of a lost actor that never started: retried without an attempt
         self.probe_due: dict[int, float] = {}  # replica -> when to probe it again
         self.probing: dict[int, float] = {}  # replica -> since when it is being probed
-        self.deadlines: dict[Any, tuple[float, int]] = {}  # episode ref -> (kill its worker after, worker)
+        self.deadlines: dict[Any, tuple[float, Any]] = {}  # episode ref -> (kill its worker after, the actor)
         self.latencies: dict = {}
         self.nodes_seen: set[str] = set()
         self.counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -110,7 +118,16 @@ class SweepDriver:
 
     def start_worker(self, i: int) -> None:
         self.starts[i] += 1
-        actor = RolloutWorker.options(max_restarts=0, max_task_retries=0, **cluster.worker_options(self.config, i)).remote(
+        node = self.gpu_node_for(i) if self.on_gpu_nodes else None
+        if self.on_gpu_nodes and node is None:
+            tqdm.write(f"rollout worker {i} dropped: no GPU node has room for it (env.render_device: gpu)")
+            if i < len(self.workers):
+                self.workers[i] = None
+            else:
+                self.workers.append(None)
+            return
+        actor = RolloutWorker.options(max_restarts=0, max_task_retries=0,
+                                      **cluster.worker_options(self.config, i, node)).remote(
             self.config.env, self.config.episode, self.actor_names, self.variants, i, self.r.policy_timeout_s)
         if i < len(self.workers):
             self.workers[i] = actor
@@ -120,11 +137,29 @@ class SweepDriver:
         self.starting[i] = time.perf_counter()
         self.pending[actor.describe.remote()] = ("start", i, actor)
 
+    def gpu_node_for(self, i: int) -> str | None:
+        """The alive GPU node with the most room for slot i's worker (room: its CPUs, less the workers put
+        there and those it failed to start in time); None when every one is full."""
+        room = cluster.gpu_node_room(ray.nodes(), self.r.cpus_per_worker)
+        for node, misses in self.node_misses.items():
+            if node in room:
+                room[node] -= misses
+        assigned: dict[str, int] = defaultdict(int)
+        for j, node in self.worker_node.items():
+            if j != i and j < len(self.workers) and self.workers[j] is not None:
+                assigned[node] += 1
+        node = cluster.pick_node(room, assigned)
+        if node is not None:
+            self.worker_node[i] = node
+        return node
+
     def worker_lost(self, i: int, why: str) -> None:
         """Slot i's actor is gone: replace it (Ray places the new one wherever there is room), or drop the
         slot after `max_retries` + 1 replacements in a row that never became ready."""
         self.use.worker_gone(i)
         self.worker_task[i] = None
+        self.unstarted.update(self.queues[i])  # behind the episode that was running: they never started
+        self.queues[i] = []
         ray.kill(self.workers[i], no_restart=True)
         self.starting.pop(i, None)
         self.idle.discard(i)
@@ -145,39 +180,63 @@ class SweepDriver:
             self.submit(i)
 
     def submit(self, i: int) -> None:
+        """Fill worker i's queue up to `ray.worker_queue` episodes. Only an idle worker takes one of the
+        last episodes (fewer left than workers): they never wait behind another episode."""
         if self.workers[i] is None or i in self.starting:
             return
-        self.idle.add(i)
-        if not self.scheduler.left():
-            return
-        k = self.replicas.pick()
-        if k is None:  # every replica is out of rotation: wait for a probe
-            return
-        busy = {t for j, t in self.worker_task.items() if j != i and t is not None}
-        spec, attempt = self.scheduler.next(self.worker_task[i], busy)
-        self.idle.discard(i)
-        self.worker_task[i] = (spec.suite, spec.task_id)
-        latency = self.latencies[self.by_label[spec.policy_label].execution.latency]
-        ref = self.workers[i].run.remote(spec, attempt, latency, k)
-        self.pending[ref] = ("episode", i, spec, attempt, k)
-        self.deadlines[ref] = (time.perf_counter() + self.episode_deadline_s(spec), i)
+        queue = self.queues[i]
+        while len(queue) < self.r.worker_queue and self.scheduler.left():
+            if queue and self.scheduler.left() < self.alive_workers():
+                break
+            k = self.replicas.pick()
+            if k is None:  # every replica is out of rotation: wait for a probe
+                break
+            busy = {t for j, t in self.worker_task.items() if j != i and t is not None}
+            spec, attempt = self.scheduler.next(self.worker_task[i], busy)
+            self.worker_task[i] = (spec.suite, spec.task_id)
+            latency = self.latencies[self.by_label[spec.policy_label].execution.latency]
+            actor = self.workers[i]
+            ref = actor.run.remote(spec, attempt, latency, k)
+            self.pending[ref] = ("episode", i, spec, attempt, k, actor)
+            # a queued episode's deadline runs from the latest its predecessor may end
+            start = max([time.perf_counter()] + [self.deadlines[r][0] for r in queue if r in self.deadlines])
+            self.deadlines[ref] = (start + self.episode_deadline_s(spec), actor)
+            queue.append(ref)
+            self.queue_of[ref] = queue
+        if queue:
+            self.idle.discard(i)
+        else:
+            self.idle.add(i)
 
-    def episode_done(self, ref, i: int, spec: EpisodeSpec, attempt: int, k: int) -> None:
+    def episode_done(self, ref, i: int, spec: EpisodeSpec, attempt: int, k: int, actor) -> None:
         self.replicas.done(k)
         files: dict[str, bytes] = {}
         self.deadlines.pop(ref, None)
+        queue = self.queue_of.pop(ref)
+        started = ref not in self.unstarted and queue[0] is ref  # only the head of an actor's queue had started
+        self.unstarted.discard(ref)
+        queue.remove(ref)
+        current = self.workers[i] is actor  # not an actor already lost and replaced
         try:
             data, files = ray.get(ref)
             result = EpisodeResult.from_dict(data)
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
             # the worker died (killed, its node lost, or past its deadline), or its result went with its node
+            if not started:  # it waited in the lost actor's queue: handed out again, no attempt spent
+                self.scheduler.retry.append((spec, attempt))
+                if current:
+                    self.worker_lost(i, f"{type(exc).__name__}")
+                self.fill()
+                return
             result = infra_error(spec, "worker_died", exc, attempt)
             self.close_session(k, spec.key)
-            self.worker_lost(i, f"{type(exc).__name__}")
+            if current:
+                self.worker_lost(i, f"{type(exc).__name__}")
         except Exception as exc:  # e.g. env creation failed inside the worker: a fresh worker takes the slot
             result = infra_error(spec, "env_error", exc, attempt)
             self.close_session(k, spec.key)
-            self.worker_lost(i, f"env_error: {_first_line(exc)}")
+            if current:
+                self.worker_lost(i, f"env_error: {_first_line(exc)}")
         else:
             self.use.episode(i, result.env_stats, result.wall_s)
         if result.status == "error" and result.reason == "policy_unavailable" and self.replicas.suspect(k):
@@ -243,15 +302,17 @@ class SweepDriver:
         now = time.perf_counter()
         for i, since in list(self.starting.items()):
             if now - since > self.r.start_timeout_s:
+                if i in self.worker_node:  # its GPU node had no room after all: one worker fewer there
+                    self.node_misses[self.worker_node[i]] += 1
                 self.worker_lost(i, f"not placed and started within ray.start_timeout_s={self.r.start_timeout_s:g} s")
         for k, due in list(self.probe_due.items()):
             if now >= due:
                 self.probe(k)
-        for ref, (deadline, i) in list(self.deadlines.items()):
-            if now > deadline and self.workers[i] is not None:  # wedged (a hung render, ...): kill it, retried
-                log.warning("rollout worker %d past its episode deadline: killed", i)
+        for ref, (deadline, actor) in list(self.deadlines.items()):
+            if now > deadline:  # wedged (a hung render, ...): kill it; its episodes are retried
+                log.warning("rollout worker %s past its episode deadline: killed", self.pending.get(ref, ("", "?"))[1])
                 self.deadlines.pop(ref)
-                ray.kill(self.workers[i], no_restart=True)
+                ray.kill(actor, no_restart=True)
         for k, since in list(self.probing.items()):
             if now - since > REPLICA_START_S:  # restarting but never placed (or never loaded): out for good
                 self.probing.pop(k)
@@ -262,11 +323,13 @@ class SweepDriver:
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self) -> None:
         try:
+            for i in range(self.plan.workers):  # workers start (and import) while the replicas load the model
+                self.start_worker(i)
             self.start_replicas()
             self.latencies = resolve_latencies({v.execution.latency for v in self.variants}, self.run_dir,
                                                lambda: ray.get(self.policy_actors[0].calibrate.remote(), timeout=900))
-            for i in range(self.plan.workers):
-                self.start_worker(i)
+            for i in self.starting:  # their start timeout runs from here: the model load is not theirs
+                self.starting[i] = time.perf_counter()
             if self.on_start is not None:
                 self.on_start(self.workers, self.policy_actors[0])
             while self.in_flight() or (self.scheduler.left() and self.alive_workers()):

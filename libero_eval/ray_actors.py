@@ -159,11 +159,13 @@ class RemotePolicy(Policy):
 SCRATCH_ROOT = Path(tempfile.gettempdir()) / f"libero-eval-scratch-{os.getuid()}"  # per user: not shared
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"info": 1})
 class RolloutWorker:
     """Owns one LIBERO env (created here, inside the actor's own process: one EGL context per process),
     reused across episodes of the same task. Episode files go to a scratch directory of this process and
-    come back as bytes with the result; scratch directories of dead workers on this node are removed."""
+    come back as bytes with the result; scratch directories of dead workers on this node are removed.
+    Episodes run one at a time, in the order they were handed out (the driver queues the next one here);
+    `pid` and `describe` answer on their own thread, never behind queued episodes."""
 
     def __init__(self, env_config: EnvConfig, episode_config: EpisodeConfig, policy_actor_names: list[str],
                  variants: list[PolicyVariant], index: int = 0, policy_timeout_s: float | None = None):
@@ -184,9 +186,11 @@ class RolloutWorker:
         self.env_key: tuple[str, int] | None = None
         self.envs_created = 0
 
+    @ray.method(concurrency_group="info")
     def pid(self) -> int:
         return os.getpid()
 
+    @ray.method(concurrency_group="info")
     def describe(self) -> dict[str, Any]:
         return {"index": self.index, "pid": os.getpid(), "host": socket.gethostname(),
                 "node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),

@@ -29,6 +29,7 @@ from PIL import Image
 
 from libero_eval import plots
 from libero_eval.config import ConfigError, SweepConfig, WandbConfig
+from libero_eval.dispatch import utilisation_values
 from libero_eval.plots import overall_rows
 from libero_eval.report import REPLAY_SUMMARY, episode_metrics, latency_p95, load_run, task_rows, worth_a_timeline
 from libero_eval.specs import EpisodeResult
@@ -340,6 +341,7 @@ class WandbTracker(Tracker):
             if key in run.summary.keys():
                 del run.summary[key]
         run.summary.update(summary_values(label, mine, rows, self._replay()))
+        run.summary.update(utilisation_values(self._summary_file().get("utilisation") or {}))  # the sweep's
         frames = self._frames.pop(label, [])
         if len(frames) > MAX_FRAME_ROWS:
             log.warning("%s: %d frames, the W&B table keeps the first %d (all are in results.jsonl)",
@@ -359,6 +361,10 @@ class WandbTracker(Tracker):
     def _replay(self) -> dict[str, Any] | None:
         path = self.run_dir / REPLAY_SUMMARY
         return json.loads(path.read_text()) if path.is_file() else None
+
+    def _summary_file(self) -> dict[str, Any]:
+        path = self.run_dir / "summary.json"  # written by `libero-eval sweep` before the tracker finishes
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def _read_marker(self) -> dict[str, list[str]]:
         path = self.wandb_dir / LOGGED_MARKER

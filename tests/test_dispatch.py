@@ -9,7 +9,8 @@ import pytest
 
 from libero_eval import cluster
 from libero_eval.config import ConfigError, load_config
-from libero_eval.dispatch import DEAD, HEALTHY, SUSPECT, ReplicaPool, Scheduler, Utilisation, format_utilisation
+from libero_eval.dispatch import (DEAD, HEALTHY, SUSPECT, ReplicaPool, Scheduler, Utilisation, format_utilisation,
+                                  utilisation_values)
 from libero_eval.specs import EpisodeSpec
 
 
@@ -59,6 +60,25 @@ def test_render_device_per_worker():
         config("env.render_device=vulkan")
     opts = cluster.worker_options(config("env.render_device=cpu", "ray.cpus_per_worker=1"), 0)
     assert opts["num_cpus"] == 1 and "__EGL_VENDOR_LIBRARY_FILENAMES" in opts["runtime_env"]["env_vars"]
+
+
+def test_render_device_gpu_workers_go_to_gpu_nodes_by_room():
+    a, b = "a" * 56, "b" * 56  # Ray's node ids: 28 bytes in hex
+    nodes = [{"NodeID": "0" * 56, "Alive": True, "Resources": {"CPU": 8.0}},
+             {"NodeID": b, "Alive": True, "Resources": {"CPU": 4.0, "GPU": 2.0}},
+             {"NodeID": a, "Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}},
+             {"NodeID": "f" * 56, "Alive": False, "Resources": {"CPU": 8.0, "GPU": 1.0}}]
+    room = cluster.gpu_node_room(nodes, 2.0)
+    assert room == {b: 2, a: 2}
+    assert cluster.pick_node(room, {}) == a and cluster.pick_node(room, {a: 1}) == b
+    assert cluster.pick_node(room, {a: 2, b: 2}) is None
+    # the plan counts only the GPU nodes' CPUs, less the GPU replicas' (one per GPU there)
+    c = config("model.device=auto", "env.render_device=gpu", "ray.num_workers=8", "ray.cpus_per_worker=1")
+    plan = cluster.plan_cluster(c, {"CPU": 16.0, "GPU": 3.0}, 100, nodes)
+    assert (plan.replicas, plan.workers) == (3, 5) and "GPU nodes (env.render_device: gpu) have 8 CPUs" in plan.lines[-1]
+    assert cluster.plan_cluster(c, {"CPU": 16.0, "GPU": 3.0}, 100).workers == 8  # no node list: the whole cluster
+    opts = cluster.worker_options(c, 0, b)
+    assert opts["scheduling_strategy"].node_id == b and opts["scheduling_strategy"].soft is False
 
 
 def test_the_code_ships_without_large_folders_and_a_project_checkpoint_travels_with_it():
@@ -112,6 +132,10 @@ def test_utilisation_summary_and_lines():
     text = format_utilisation(out)
     assert "episodes/h" in text and "#0 1 ep, env busy" in text and "mean batch 2.00), busy 25%" in text
     assert "policy replica 1: no stats" in text
+    flat = utilisation_values(out)  # what each variant's W&B summary gets
+    assert flat["sweep/workers"] == 1 and flat["sweep/replicas"] == 2 and flat["sweep/env_busy_min"] == out["workers"][0]["env_busy"]
+    assert flat["sweep/replica0/mean_batch_size"] == 2.0 and "sweep/replica1/busy_fraction" not in flat
+    assert utilisation_values({}) == {}
 
 
 def test_dry_run_prints_the_plan_and_an_estimate_from_measured_rates(tmp_path):

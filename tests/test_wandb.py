@@ -5,6 +5,7 @@ again after the fact; and one real sweep logs end to end."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -400,5 +401,8 @@ def test_real_sweep_logs_to_wandb_offline_and_writes_the_report(tmp_path):
     table = run.table("frame_table")
     assert len(table["data"]) == sum(len(r.records) for r in results) > 0
     assert run.summary["n"] == 2 and run.summary["success_rate"] == 0
+    used = json.loads((out / "summary.json").read_text())["utilisation"]  # the sweep's, in each variant's run
+    assert run.summary["sweep/episodes_per_hour"] == used["episodes_per_hour"] > 0
+    assert run.summary["sweep/workers"] == len(used["workers"]) and 0 < run.summary["sweep/env_busy_mean"] <= 1
     assert (out / "report.html").is_file() and (out / "summary.md").is_file()
     assert "report:" in proc.stdout and "W&B (offline)" in proc.stdout
