@@ -98,19 +98,19 @@ def plan_cluster(config: SweepConfig, cluster: dict[str, float], episodes: int,
     lines = [line, how]
     if config.env.render_device == "gpu" and nodes is not None:  # its workers go to GPU nodes only
         cpus = sum(n.get("Resources", {}).get("CPU", 0.0) for n in _gpu_nodes(nodes))
-        # replicas on GPUs sit on those nodes too; CPU replicas may sit anywhere (not counted there)
-        free = cpus - (replicas * options.get("num_cpus", 0.0) if on_gpu else 0.0)
+        # replicas on GPUs sit on those nodes; CPU replicas may (counted there too, to be safe)
+        free = cpus - replicas * options.get("num_cpus", 0.0)
     else:
         free = cpus - replicas * options.get("num_cpus", 0.0)
     fit = int(math.floor(free / r.cpus_per_worker + 1e-9)) if free > 0 else 0
     workers = min(r.num_workers, episodes) if episodes else 0
+    where = ("the cluster's GPU nodes (env.render_device: gpu) have" if config.env.render_device == "gpu"
+             and nodes is not None else "the cluster has")
     if episodes and fit < 1:
-        raise ConfigError(f"the Ray cluster has {cpus:g} CPUs: {replicas} policy replica(s) take "
+        raise ConfigError(f"{where} {cpus:g} CPUs: {replicas} policy replica(s) take "
                           f"{replicas * options.get('num_cpus', 0.0):g} and no rollout worker "
                           f"(ray.cpus_per_worker={r.cpus_per_worker:g}) fits beside them")
     if workers > fit:
-        where = ("the cluster's GPU nodes (env.render_device: gpu) have" if config.env.render_device == "gpu"
-                 and nodes is not None else "the cluster has")
         lines.append(f"rollout workers: {fit} of ray.num_workers={r.num_workers} ({where} {cpus:g} CPUs; "
                      f"each worker takes {r.cpus_per_worker:g}, the replicas {replicas * options.get('num_cpus', 0):g})")
         workers = fit
@@ -195,11 +195,13 @@ def _gpu_nodes(nodes: list[dict]) -> list[dict]:
     return [n for n in nodes if n.get("Alive") and n.get("Resources", {}).get("GPU", 0.0) >= 1]
 
 
-def gpu_node_room(nodes: list[dict], cpus_per_worker: float) -> dict[str, int]:
-    """Alive nodes with a GPU (from `ray.nodes()`) -> how many rollout workers their CPUs hold: where
-    `env.render_device: gpu` workers may go."""
-    return {n["NodeID"]: int(math.floor(n.get("Resources", {}).get("CPU", 0.0) / cpus_per_worker + 1e-9))
-            for n in _gpu_nodes(nodes)}
+def gpu_node_room(nodes: list[dict], cpus_per_worker: float, taken: dict[str, float] | None = None) -> dict[str, int]:
+    """Alive nodes with a GPU (from `ray.nodes()`) -> how many rollout workers their CPUs hold beside what
+    is `taken` there (node -> CPUs of the policy replicas placed on it): where `env.render_device: gpu`
+    workers may go."""
+    taken = taken or {}
+    return {n["NodeID"]: max(0, int(math.floor((n.get("Resources", {}).get("CPU", 0.0) - taken.get(n["NodeID"], 0.0))
+                                               / cpus_per_worker + 1e-9))) for n in _gpu_nodes(nodes)}
 
 
 def pick_node(room: dict[str, int], assigned: dict[str, int]) -> str | None:

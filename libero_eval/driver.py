@@ -79,7 +79,9 @@ class SweepDriver:
         self.starting: dict[int, float] = {}  # slot -> when its actor was created (not yet ready)
         self.starts: dict[int, int] = defaultdict(int)  # actors created per slot
         self.worker_node: dict[int, str] = {}  # slot -> the GPU node its actor was put on (render_device: gpu)
+        self.render_index: dict[int, int] = {}  # slot -> its place among the workers on that node
         self.node_misses: dict[str, int] = defaultdict(int)  # GPU node -> workers it did not start in time
+        self.replica_cpus: dict[str, float] = defaultdict(float)  # node -> CPUs the replicas placed there take
         self.idle: set[int] = set()  # ready workers without an episode (none left now, or no healthy replica)
         # object ref -> ("episode", i, spec, attempt, k, actor) | ("start", i, actor) | ("probe", k)
         self.pending: dict[Any, tuple] = {}
@@ -102,6 +104,8 @@ class SweepDriver:
 
     # -- actors ------------------------------------------------------------------------------------------
     def start_replicas(self) -> None:
+        """The replicas, placed and loaded before any worker is asked for (workers taking a GPU node's CPUs
+        first could leave a replica nowhere to go); prints where each runs."""
         on_gpu = "num_gpus" in self.plan.replica_options
         for name in self.actor_names:
             self.policy_actors.append(PolicyActor.options(
@@ -115,6 +119,7 @@ class SweepDriver:
             serving = (f"model on {d['device']} ({d['backend']} backend), {d['threads']} torch threads, torch "
                        f"{d['torch']}, warm-up {d['warmup_ms']:.0f} ms") if d["backend"] != "none" else "no model"
             print(f"policy replica {k}: {d['host']} ({d['node_ip']}), {serving}")
+            self.replica_cpus[d["node_id"]] += self.plan.replica_options.get("num_cpus", 0.0)
 
     def start_worker(self, i: int) -> None:
         self.starts[i] += 1
@@ -128,7 +133,8 @@ class SweepDriver:
             return
         actor = RolloutWorker.options(max_restarts=0, max_task_retries=0,
                                       **cluster.worker_options(self.config, i, node)).remote(
-            self.config.env, self.config.episode, self.actor_names, self.variants, i, self.r.policy_timeout_s)
+            self.config.env, self.config.episode, self.actor_names, self.variants, i, self.r.policy_timeout_s,
+            self.render_index.get(i) if node is not None else None)
         if i < len(self.workers):
             self.workers[i] = actor
         else:
@@ -140,7 +146,7 @@ class SweepDriver:
     def gpu_node_for(self, i: int) -> str | None:
         """The alive GPU node with the most room for slot i's worker (room: its CPUs, less the workers put
         there and those it failed to start in time); None when every one is full."""
-        room = cluster.gpu_node_room(ray.nodes(), self.r.cpus_per_worker)
+        room = cluster.gpu_node_room(ray.nodes(), self.r.cpus_per_worker, self.replica_cpus)
         for node, misses in self.node_misses.items():
             if node in room:
                 room[node] -= misses
@@ -151,14 +157,19 @@ class SweepDriver:
         node = cluster.pick_node(room, assigned)
         if node is not None:
             self.worker_node[i] = node
+            taken = {self.render_index[j] for j, n in self.worker_node.items() if n == node and j != i
+                     and j < len(self.workers) and self.workers[j] is not None}
+            self.render_index[i] = min(set(range(len(taken) + 1)) - taken)  # its place on the node: its GPU
         return node
 
-    def worker_lost(self, i: int, why: str) -> None:
-        """Slot i's actor is gone: replace it (Ray places the new one wherever there is room), or drop the
-        slot after `max_retries` + 1 replacements in a row that never became ready."""
+    def worker_lost(self, i: int, why: str, running_left: bool = False) -> None:
+        """Slot i's actor is gone: replace it (where Ray finds room; GPU nodes only for render_device: gpu),
+        or drop the slot after `max_retries` + 1 replacements in a row that never became ready. Its queued
+        episodes never started; when `running_left`, the first one in its queue is the one that was running
+        (its failure not processed yet)."""
         self.use.worker_gone(i)
         self.worker_task[i] = None
-        self.unstarted.update(self.queues[i])  # behind the episode that was running: they never started
+        self.unstarted.update(self.queues[i][1:] if running_left else self.queues[i])
         self.queues[i] = []
         ray.kill(self.workers[i], no_restart=True)
         self.starting.pop(i, None)
@@ -198,8 +209,8 @@ class SweepDriver:
             actor = self.workers[i]
             ref = actor.run.remote(spec, attempt, latency, k)
             self.pending[ref] = ("episode", i, spec, attempt, k, actor)
-            # a queued episode's deadline runs from the latest its predecessor may end
-            start = max([time.perf_counter()] + [self.deadlines[r][0] for r in queue if r in self.deadlines])
+            # a queued episode's deadline runs from its predecessor's (reset when it starts: episode_done)
+            start = max([time.perf_counter()] + [self.deadlines[r][0] for r in queue[-1:] if r in self.deadlines])
             self.deadlines[ref] = (start + self.episode_deadline_s(spec), actor)
             queue.append(ref)
             self.queue_of[ref] = queue
@@ -213,30 +224,32 @@ class SweepDriver:
         files: dict[str, bytes] = {}
         self.deadlines.pop(ref, None)
         queue = self.queue_of.pop(ref)
-        started = ref not in self.unstarted and queue[0] is ref  # only the head of an actor's queue had started
+        was_head = queue[0] is ref  # an actor runs its queue in order: only the head had started
+        started = was_head and ref not in self.unstarted
         self.unstarted.discard(ref)
         queue.remove(ref)
+        if queue and queue[0] in self.deadlines:  # the next one starts now: its deadline runs from here
+            self.deadlines[queue[0]] = (time.perf_counter() + self.episode_deadline_s(self.pending[queue[0]][2]), actor)
         current = self.workers[i] is actor  # not an actor already lost and replaced
         try:
             data, files = ray.get(ref)
             result = EpisodeResult.from_dict(data)
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
             # the worker died (killed, its node lost, or past its deadline), or its result went with its node
+            if current:  # the first failure of this actor seen: the rest of its queue never started
+                self.worker_lost(i, f"{type(exc).__name__}", running_left=not was_head)
             if not started:  # it waited in the lost actor's queue: handed out again, no attempt spent
+                self.close_session(k, spec.key)  # (a no-op unless it opened one after all)
                 self.scheduler.retry.append((spec, attempt))
-                if current:
-                    self.worker_lost(i, f"{type(exc).__name__}")
                 self.fill()
                 return
             result = infra_error(spec, "worker_died", exc, attempt)
             self.close_session(k, spec.key)
-            if current:
-                self.worker_lost(i, f"{type(exc).__name__}")
         except Exception as exc:  # e.g. env creation failed inside the worker: a fresh worker takes the slot
             result = infra_error(spec, "env_error", exc, attempt)
             self.close_session(k, spec.key)
             if current:
-                self.worker_lost(i, f"env_error: {_first_line(exc)}")
+                self.worker_lost(i, f"env_error: {_first_line(exc)}", running_left=not was_head)
         else:
             self.use.episode(i, result.env_stats, result.wall_s)
         if result.status == "error" and result.reason == "policy_unavailable" and self.replicas.suspect(k):
@@ -323,13 +336,11 @@ class SweepDriver:
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            for i in range(self.plan.workers):  # workers start (and import) while the replicas load the model
-                self.start_worker(i)
             self.start_replicas()
             self.latencies = resolve_latencies({v.execution.latency for v in self.variants}, self.run_dir,
                                                lambda: ray.get(self.policy_actors[0].calibrate.remote(), timeout=900))
-            for i in self.starting:  # their start timeout runs from here: the model load is not theirs
-                self.starting[i] = time.perf_counter()
+            for i in range(self.plan.workers):
+                self.start_worker(i)
             if self.on_start is not None:
                 self.on_start(self.workers, self.policy_actors[0])
             while self.in_flight() or (self.scheduler.left() and self.alive_workers()):

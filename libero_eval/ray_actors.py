@@ -168,10 +168,13 @@ class RolloutWorker:
     `pid` and `describe` answer on their own thread, never behind queued episodes."""
 
     def __init__(self, env_config: EnvConfig, episode_config: EpisodeConfig, policy_actor_names: list[str],
-                 variants: list[PolicyVariant], index: int = 0, policy_timeout_s: float | None = None):
+                 variants: list[PolicyVariant], index: int = 0, policy_timeout_s: float | None = None,
+                 render_index: int | None = None):
         os.environ.setdefault("MUJOCO_GL", "egl")
-        # before the first EGL context: which device this worker renders on (env.render_device)
-        env_vars, self.render_device = render_device_env(env_config.render_device, node_gpus(), index, egl_devices())
+        # before the first EGL context: which device this worker renders on (env.render_device); the driver
+        # gives a worker it pinned to a node its place there, else the sweep-wide index spreads the GPUs
+        env_vars, self.render_device = render_device_env(env_config.render_device, node_gpus(),
+                                                         index if render_index is None else render_index, egl_devices())
         os.environ.update(env_vars)
         self.env_config = env_config
         self.settings = episode_config

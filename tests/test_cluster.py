@@ -135,7 +135,7 @@ def test_replicas_on_logical_gpus(make_cluster, tmp_path, capsys):
     no GPU, and serve a sweep. model.device auto: one replica per GPU is planned, each reserves a GPU, and the
     replica fails loudly because its node has no CUDA. env.render_device gpu: every worker runs on a GPU node
     (the head has none), rendering on that node's EGL device 0."""
-    c, gpu_nodes = make_cluster(2, {"num_cpus": 1, "num_gpus": 1}, {"num_cpus": 1, "num_gpus": 1})
+    c, gpu_nodes = make_cluster(2, {"num_cpus": 2, "num_gpus": 1}, {"num_cpus": 2, "num_gpus": 1})
     base = ["model.kind=tiny", "suites={libero_spatial: [0]}", "trials=2", "max_steps=10", "wandb.enabled=false",
             f"ray.address={c.address}", "policies=[{name: none, num_steps: 2}]", "ray.num_workers=2"]
     config = load_config(None, [*base, "model.device=cpu", "ray.policy_replicas=2"])
@@ -148,12 +148,12 @@ def test_replicas_on_logical_gpus(make_cluster, tmp_path, capsys):
     assert "policy replica 1:" in printed and "model on cpu" in printed
     render = load_config(CONFIGS / "hold_smoke.yaml", [
         "trials=3", "max_steps=8", f"ray.address={c.address}", "env.render_device=gpu", "ray.start_timeout_s=30",
-        "ray.num_workers=3"])
+        "ray.num_workers=4"])
     outcome = run_sweep(render, tmp_path / "gpu_render", progress=False)
-    assert outcome.ran == 6 and outcome.not_run == 0
+    assert outcome.ran == 6 and outcome.not_run == 0 and len(outcome.utilisation["workers"]) == 3
     assert {r.env_stats["node"] for r in outcome.results} <= {n.node_id[:12] for n in gpu_nodes}
     printed = capsys.readouterr().out
-    assert "rollout workers: 2 of ray.num_workers=3 (the cluster's GPU nodes (env.render_device: gpu) have 2 CPUs" in printed
+    assert "rollout workers: 3 of ray.num_workers=4 (the cluster's GPU nodes (env.render_device: gpu) have 4 CPUs" in printed
     assert "rendering on gpu 0 of 1 (EGL)" in printed
     auto = load_config(None, [*base, "model.device=auto"])
     t0 = time.perf_counter()

@@ -70,6 +70,7 @@ def test_render_device_gpu_workers_go_to_gpu_nodes_by_room():
              {"NodeID": "f" * 56, "Alive": False, "Resources": {"CPU": 8.0, "GPU": 1.0}}]
     room = cluster.gpu_node_room(nodes, 2.0)
     assert room == {b: 2, a: 2}
+    assert cluster.gpu_node_room(nodes, 2.0, {b: 2.0, "0" * 56: 8.0}) == {b: 1, a: 2}  # b holds 2 replica CPUs
     assert cluster.pick_node(room, {}) == a and cluster.pick_node(room, {a: 1}) == b
     assert cluster.pick_node(room, {a: 2, b: 2}) is None
     # the plan counts only the GPU nodes' CPUs, less the GPU replicas' (one per GPU there)

@@ -74,12 +74,14 @@ class Actor:
         self.refs.append(ref)
         return ref
 
-    def kill(self) -> None:
-        self.dead = True
-        for ref in self.refs:
-            if ref.ready_at > self.sim.clock.now:  # running or queued: fails now
-                ref.ready_at, ref.value = self.sim.clock.now, None
-                ref.error = ray.exceptions.RayActorError(error_msg="the actor died unexpectedly")
+    def kill(self, queued_first: bool = False) -> None:
+        """Dead now: what it was running or had queued fails (Ray does not order those failures; with
+        `queued_first` the driver sees the queued ones' first)."""
+        self.dead, self.killed_at = True, self.sim.clock.now
+        failing = [ref for ref in self.refs if ref.ready_at > self.sim.clock.now]
+        for n, ref in enumerate(reversed(failing) if queued_first else failing):
+            ref.ready_at, ref.value = self.sim.clock.now + 1e-6 * n, None
+            ref.error = ray.exceptions.RayActorError(error_msg="the actor died unexpectedly")
 
 
 class Sim:
@@ -95,6 +97,8 @@ class Sim:
         self.replicas: list[Actor] = []
         self.episode_cost = lambda actor, spec: EPISODE_S
         self.start_cost = lambda actor: 1.0
+        self.replica_load_s = 0.01  # a replica's constructor (the model load)
+        self.replica_node = "0" * 56  # where the replicas are placed
         self.replica_down = lambda actor, now: False  # policy_unavailable answers and failed pings
         self.events: list[tuple[float, object]] = []  # (at, fn): run once the clock passes `at`
 
@@ -139,6 +143,8 @@ class Sim:
             return self.episode_cost(actor, args[0])
         if actor.kind == "worker" and name == "describe":
             return self.start_cost(actor)
+        if actor.kind == "replica" and name == "pid":
+            return self.replica_load_s
         return 0.01
 
     def answer(self, actor: Actor, name: str, args: tuple):
@@ -146,7 +152,7 @@ class Sim:
             if name == "ping" and self.replica_down(actor, self.clock.now):
                 raise ray.exceptions.RayActorError(error_msg="The actor is restarting.")
             return {"describe": {"device": "cpu", "backend": "none", "threads": 1, "torch": "-", "warmup_ms": 0,
-                                 "host": "sim", "node_ip": "127.0.0.1"},
+                                 "host": "sim", "node_ip": "127.0.0.1", "node_id": self.replica_node},
                     "stats": {"requests": 0, "batches": 0}}.get(name)
         if name == "describe":
             return {"node_id": "n" * 12, "host": "sim", "node_ip": "127.0.0.1", "render_device": "cpu"}
@@ -165,9 +171,10 @@ class Sim:
         class Factory:
             @staticmethod
             def options(**opts):
-                def remote(*_args):
+                def remote(*args):
                     pool = sim.workers if kind == "worker" else sim.replicas
                     actor = Actor(sim, kind, len(pool), opts)
+                    actor.args = args
                     pool.append(actor)
                     return actor
                 return types.SimpleNamespace(remote=remote)
@@ -257,6 +264,28 @@ def test_a_killed_worker_retries_its_running_episode_and_hands_out_the_queued_on
     assert outcome.retries == 1
 
 
+def test_the_running_episode_spends_an_attempt_whatever_order_the_failures_arrive_in(sim, tmp_path):
+    d, store, outcome = sweep(tmp_path, "ray.num_workers=2")
+    sim.events.append((25.0, lambda: sim.workers[0].kill(queued_first=True)))
+    d.run()
+    rows = stored_once(store, 12)
+    lost = attempts(d.run_dir)
+    assert [a["reason"] for a in lost] == ["worker_died"] and outcome.retries == 1
+    running = next(args[0].key for name, args in sim.workers[0].calls if name == "run" and args[0].trial == 2)
+    assert lost[0]["key"] == running  # the third episode (20-30 s) was running at 25 s
+    assert {r.key: r.attempt for r in rows if r.attempt > 1} == {running: 2}
+    closed = [args[0] for name, args in sim.replicas[0].calls if name == "close"]
+    assert running in closed  # its session on the replica was closed before the retry
+
+
+def test_workers_wait_for_a_slow_model_load_without_timing_out(sim, tmp_path):
+    sim.replica_load_s = 200.0  # longer than ray.start_timeout_s: the workers' start clock runs from the load
+    d, store, _ = sweep(tmp_path, "ray.num_workers=2", "ray.start_timeout_s=30")
+    d.run()
+    stored_once(store, 12)
+    assert len(sim.workers) == 2  # nobody replaced
+
+
 def test_a_slot_whose_replacements_never_start_is_dropped_and_the_sweep_goes_on(sim, tmp_path):
     d, store, _ = sweep(tmp_path, "ray.num_workers=2", "ray.max_retries=1", "ray.start_timeout_s=30")
     sim.start_cost = lambda actor: math.inf if actor.index >= 2 else 1.0  # no replacement is ever placed
@@ -286,6 +315,22 @@ def test_a_wedged_worker_is_killed_past_its_deadline_and_its_episode_retried(sim
     assert sim.clock.now > deadline
 
 
+def test_a_hang_late_in_the_sweep_is_killed_one_deadline_after_it_started(sim, tmp_path):
+    d, store, _ = sweep(tmp_path, "ray.num_workers=2", "ray.policy_timeout_s=10", "trials=12")  # 24 episodes
+    runs = []
+
+    def cost(actor, spec):
+        runs.append(actor.index)
+        return math.inf if actor.index == 0 and runs.count(0) == 5 else EPISODE_S  # worker 0's fifth hangs
+    sim.episode_cost = cost
+    d.run()
+    stored_once(store, 24)
+    hung_start = sim.workers[0].spans[4][0]
+    deadline = d.episode_deadline_s(plan_episodes(d.config)[0])
+    assert hung_start + deadline <= sim.workers[0].killed_at <= hung_start + deadline + 1.5
+    assert [a["reason"] for a in attempts(d.run_dir)] == ["worker_died"]
+
+
 def test_a_replica_that_fails_is_probed_back_into_rotation(sim, tmp_path):
     d, store, _ = sweep(tmp_path, "ray.num_workers=2")
     sim.replica_down = lambda actor, now: 12.0 <= now < 40.0
@@ -309,22 +354,38 @@ def test_a_replica_not_back_within_its_start_limit_ends_the_sweep_with_results_k
 
 
 def test_render_device_gpu_keeps_workers_to_gpu_nodes_with_room(sim, tmp_path):
-    """A CPU-only head and two GPU nodes (2 and 1 CPUs): three workers go to the GPU nodes by room; when the
-    small node is lost, its worker's replacement finds no GPU node with room and the slot is dropped."""
+    """A CPU-only head and two GPU nodes (3 and 1 CPUs, the replica on the first): three workers go to the GPU
+    nodes by the room left beside the replica; when the small node is lost, its worker's replacement finds no
+    GPU node with room and the slot is dropped."""
     head, g1, g2 = "0" * 56, "1" * 56, "2" * 56  # Ray's node ids: 28 bytes in hex
     sim.node_list = [{"NodeID": head, "Alive": True, "Resources": {"CPU": 4.0}},
-                     {"NodeID": g1, "Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
+                     {"NodeID": g1, "Alive": True, "Resources": {"CPU": 3.0, "GPU": 1.0}},
                      {"NodeID": g2, "Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}}]
-    sim.cpus = 7.0
+    sim.cpus, sim.replica_node = 8.0, g1
 
     def lose_g2():
         sim.node_list[2]["Alive"] = False
         sim.workers[2].kill()
     sim.events.append((15.0, lose_g2))
     d, store, _ = sweep(tmp_path, "ray.num_workers=4", "env.render_device=gpu")
-    assert d.plan.workers == 3 and "GPU nodes (env.render_device: gpu) have 3 CPUs" in d.plan.lines[-1]
+    assert d.plan.workers == 3 and "GPU nodes (env.render_device: gpu) have 4 CPUs" in d.plan.lines[-1]
     d.run()
     stored_once(store, 12)
     placed = [w.options["scheduling_strategy"] for w in sim.workers]
     assert [(p.node_id, p.soft) for p in placed] == [(g1, False), (g1, False), (g2, False)]
+    assert [w.args[-1] for w in sim.workers] == [0, 1, 0]  # each renders on its place on its node: GPU 0, 1, 0
     assert d.workers[2] is None and d.alive_workers() == 2
+
+
+def test_a_gpu_node_that_does_not_start_its_worker_counts_one_place_fewer(sim, tmp_path):
+    g1, g2 = "1" * 56, "2" * 56
+    sim.node_list = [{"NodeID": g1, "Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
+                     {"NodeID": g2, "Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}}]
+    sim.cpus = 4.0
+    sim.start_cost = lambda actor: math.inf if actor.options["scheduling_strategy"].node_id == g2 else 1.0
+    d, store, _ = sweep(tmp_path, "ray.num_workers=3", "env.render_device=gpu", "ray.start_timeout_s=30")
+    d.run()
+    stored_once(store, 12)
+    nodes = [w.options["scheduling_strategy"].node_id for w in sim.workers]
+    assert nodes[:3] == [g1, g2, g1] and nodes[3:] == [g2]  # g2 missed once: room 1 left there, tried again
+    assert d.node_misses == {g2: 2} and d.alive_workers() == 2
