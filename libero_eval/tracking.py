@@ -364,7 +364,10 @@ class WandbTracker(Tracker):
 
     def _summary_file(self) -> dict[str, Any]:
         path = self.run_dir / "summary.json"  # written by `libero-eval sweep` before the tracker finishes
-        return json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:  # cut or hand-edited: the variant's own summary still goes out
+            return {}
 
     def _read_marker(self) -> dict[str, list[str]]:
         path = self.wandb_dir / LOGGED_MARKER
