@@ -5,8 +5,8 @@
    cannot inflate it).
 2. Sweep efficiency: hold sweeps of 16 and 48 episodes with 2 and 3 workers on this machine's cores, with
    short episodes (20 steps: per-episode costs weigh most) and full-length ones (220 steps, libero_spatial's
-   limit), and once with `ray.worker_queue=1` (no episode queued ahead at a worker) to show what the queue
-   saves: efficiency = ideal / wall, ideal = sum over episodes of (solo reset + steps x solo step) / cores.
+   limit), all with `ray.worker_queue=2` (each worker's next episode queued ahead), and once with 1 (one at
+   a time, the default since this comparison) to show what the queue saves: efficiency = ideal / wall, ideal = sum over episodes of (solo reset + steps x solo step) / cores.
    Each sweep's utilisation (env-busy per worker, episodes/h) comes from its summary.
 3. Policy queries: median latency of one query at batch 1 on CPU through the policy actor, per model
    (the shipped small Pi0.5, the tiny one), and a Ray round trip; actor throughput with 1-8 clients.

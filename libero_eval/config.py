@@ -52,9 +52,9 @@ class RayConfig:
     ship_code: bool = True  # with `address`: the project's code reaches the nodes as Ray's working_dir
     policy_timeout_s: float = 300.0  # a policy call unanswered this long: the replica is unavailable (retried)
     start_timeout_s: float = 120.0  # a rollout worker not placed and started this long is dropped
-    # episodes handed to each rollout worker at once: 2 = the next one waits in the worker's own queue, so it
-    # starts without a round trip through the driver; 1 = one at a time (the last episodes never queue)
-    worker_queue: int = 2
+    # episodes handed to each rollout worker at once: 1 = one at a time; 2 = the next one waits in the worker's
+    # own queue and starts without a round trip through the driver (no gain measured on one machine: README)
+    worker_queue: int = 1
 
 
 @dataclasses.dataclass

@@ -195,7 +195,8 @@ def sim(monkeypatch):
 def sweep(tmp_path: Path, *overrides: str):
     """A driver over 12 hold episodes (2 tasks x 6 init states), its store and outcome."""
     config = load_config(None, ["policies=[{name: hold}]", "suites={libero_spatial: [0, 1]}", "trials=6",
-                                "max_steps=20", "wandb.enabled=false", "latency=measured", *overrides])
+                                "max_steps=20", "wandb.enabled=false", "latency=measured", "ray.worker_queue=2",
+                                *overrides])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     store = ResultStore(run_dir)

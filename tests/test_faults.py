@@ -91,7 +91,7 @@ def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.005):
 
 def test_sigkill_rollout_worker_mid_episode(tmp_path):
     config = load_config(CONFIGS / "hold_smoke.yaml", ["suites={libero_spatial: [0]}", "trials=2", "max_steps=40",
-                                                        "ray.num_workers=1"])
+                                                        "ray.num_workers=1", "ray.worker_queue=2"])  # one queued behind
     out = tmp_path / "worker"
     joins = []
 
