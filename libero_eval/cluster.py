@@ -96,16 +96,13 @@ def plan_cluster(config: SweepConfig, cluster: dict[str, float], episodes: int,
         raise ConfigError(f"ray.policy_replicas: {replicas} replicas take a GPU each, but the Ray cluster has "
                           f"{gpus:g} GPUs: use auto or at most {int(gpus)}")
     lines = [line, how]
-    if config.env.render_device == "gpu" and nodes is not None:  # its workers go to GPU nodes only
+    gpu_only = config.env.render_device == "gpu" and nodes is not None  # its workers go to GPU nodes only
+    if gpu_only:  # replicas on GPUs sit on those nodes; CPU replicas may (counted there too, to be safe)
         cpus = sum(n.get("Resources", {}).get("CPU", 0.0) for n in _gpu_nodes(nodes))
-        # replicas on GPUs sit on those nodes; CPU replicas may (counted there too, to be safe)
-        free = cpus - replicas * options.get("num_cpus", 0.0)
-    else:
-        free = cpus - replicas * options.get("num_cpus", 0.0)
+    free = cpus - replicas * options.get("num_cpus", 0.0)
     fit = int(math.floor(free / r.cpus_per_worker + 1e-9)) if free > 0 else 0
     workers = min(r.num_workers, episodes) if episodes else 0
-    where = ("the cluster's GPU nodes (env.render_device: gpu) have" if config.env.render_device == "gpu"
-             and nodes is not None else "the cluster has")
+    where = "the cluster's GPU nodes (env.render_device: gpu) have" if gpu_only else "the cluster has"
     if episodes and fit < 1:
         raise ConfigError(f"{where} {cpus:g} CPUs: {replicas} policy replica(s) take "
                           f"{replicas * options.get('num_cpus', 0.0):g} and no rollout worker "
